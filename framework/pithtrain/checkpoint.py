@@ -1,0 +1,111 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP): model, optimizer, scheduler, data position, RNG.
+
+Layout: `<run_dir>/checkpoints/step_00000042/` holds a DCP checkpoint. It is written into a
+`.tmp-step_...` folder and renamed only after every rank finished writing, so a crash during a
+save leaves a temp folder that `latest_checkpoint` never picks (and the next save clears).
+Model and optimizer go through `get_state_dict`/`set_state_dict`, so the same code serves a single
+process and FSDP2 / expert-parallel layouts, and a checkpoint can be loaded under another layout.
+"""
+
+import contextlib
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+STEP_PREFIX = "step_"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when torch.distributed is not initialised; that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint folder, or None."""
+    folder = checkpoint_dir(run_dir)
+    done = sorted(p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / ".metadata").exists())
+    return done[-1] if done else None
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, data_state: dict, keep: int = 2) -> Path:
+    folder = checkpoint_dir(run_dir)
+    final = folder / f"{STEP_PREFIX}{step:08d}"
+    tmp = folder / f".tmp-{final.name}"
+    if _rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {
+        "model": model_sd,
+        "optim": optim_sd,
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "rng": _rng_state(),
+        "step": step,
+    }
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=tmp)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(p for p in folder.glob(f"{STEP_PREFIX}*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer, scheduler, data_state: dict) -> tuple[int, dict]:
+    """Restore everything in place; returns (step, data_state). DCP fills the keys it is given, so
+    `data_state` is the loader's current state, used as the template."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "data": data_state,
+             "rng": _rng_state(), "step": 0}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=Path(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return int(state["step"]), state["data"]
+
+
+def load_model_weights(path, model) -> None:
+    """Load only the model weights of a checkpoint (for export and evaluation)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=Path(path))
+    set_model_state_dict(model, state["model"])

@@ -54,6 +54,7 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True  # false: never save (benchmarks); resume still reads an existing checkpoint
     every: int = 0  # save every N steps (0: only at the end)
     keep: int = 2  # keep the newest N checkpoints
     resume: bool = True  # resume from the newest complete checkpoint in run_dir

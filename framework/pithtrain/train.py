@@ -252,7 +252,8 @@ def train(cfg: Config) -> dict:
                     f" | mem {record['peak_mem_gib']:.2f} GiB | eta {format_duration(eta)}",
                     flush=True,
                 )
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps:
+            due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps
+            if cfg.checkpoint.enabled and due:
                 ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, loader.state_dict(),
                                      keep=cfg.checkpoint.keep)
 

@@ -3,11 +3,15 @@
 Layout: `<run_dir>/checkpoints/step_00000042/` holds a DCP checkpoint. It is written into a
 `.tmp-step_...` folder and renamed only after every rank finished writing, so a crash during a
 save leaves a temp folder that `latest_checkpoint` never picks (and the next save clears).
-Model and optimizer go through `get_state_dict`/`set_state_dict`, so the same code serves a single
-process and FSDP2 / expert-parallel layouts, and a checkpoint can be loaded under another layout.
+Model and optimizer go through `get_state_dict`/`set_state_dict` with the optimizer state flattened to one
+key per parameter (`state.<param>.exp_avg`), and every key is the full model's parameter name: FSDP2 shards and
+expert-parallel weights are DTensors with their global shape, and a pipeline rank saves its stages' parameters
+under their own names (a rank holding two stages has them in a ModuleList, whose index is dropped from the keys).
+So a checkpoint written under one layout (say ep=2 x pp=2) loads under any other, a single process included.
 """
 
 import contextlib
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -15,7 +19,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 STEP_PREFIX = "step_"
 
@@ -55,6 +67,22 @@ def _rng_state() -> dict:
     return state
 
 
+def _global_name(key: str) -> str:
+    """Drop the stage index of a ModuleList of pipeline stages: `0.layers.3.x` -> `layers.3.x` (likewise after the
+    `state.` / `param_groups.` prefix of flattened optimizer keys). Model keys never start with a digit."""
+    return re.sub(r"^((?:state|param_groups)\.)?\d+\.", r"\1", key)
+
+
+def _global_names(state: dict) -> dict:
+    return {_global_name(k): v for k, v in state.items()}
+
+
+def _local_names(state: dict, live: dict) -> dict:
+    """Back from global names to this process's (possibly stage-indexed) keys."""
+    names = {_global_name(k): k for k in live}
+    return {names[k]: v for k, v in state.items()}
+
+
 def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, data_state: dict, keep: int = 2) -> Path:
     folder = checkpoint_dir(run_dir)
     final = folder / f"{STEP_PREFIX}{step:08d}"
@@ -64,10 +92,10 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, data_state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     state = {
-        "model": model_sd,
-        "optim": optim_sd,
+        "model": _global_names(model_sd),
+        "optim": _global_names(optim_sd),
         "scheduler": scheduler.state_dict(),
         "data": data_state,
         "rng": _rng_state(),
@@ -88,12 +116,13 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, data_state:
 def load_checkpoint(path, model, optimizer, scheduler, data_state: dict) -> tuple[int, dict]:
     """Restore everything in place; returns (step, data_state). DCP fills the keys it is given, so
     `data_state` is the loader's current state, used as the template."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "data": data_state,
+    live_model, live_optim = get_state_dict(model, optimizer, options=OPTIONS)
+    state = {"model": _global_names(live_model), "optim": _global_names(live_optim), "scheduler": scheduler.state_dict(), "data": data_state,
              "rng": _rng_state(), "step": 0}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=Path(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=_local_names(state["model"], live_model),
+                   optim_state_dict=_local_names(state["optim"], live_optim), options=OPTIONS)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -102,10 +131,9 @@ def load_checkpoint(path, model, optimizer, scheduler, data_state: dict) -> tupl
 
 
 def load_model_weights(path, model) -> None:
-    """Load only the model weights of a checkpoint (for export and evaluation)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    state = {"model": get_model_state_dict(model)}
+    """Load only the model weights of a checkpoint (for export, evaluation and `checkpoint.init_from`)."""
+    live = get_model_state_dict(model)
+    state = {"model": _global_names(live)}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=Path(path))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, _local_names(state["model"], live))

@@ -62,6 +62,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """The `[parallel]` table: one device mesh (pp, dp_replicate, dp_shard) over torchrun's processes.
+
+    Data parallelism is dp_replicate x dp_shard (HSDP when dp_replicate > 1, FSDP2 over dp_shard). Expert
+    parallelism borrows ep ranks from dp_shard: those ranks read different tokens and hold different experts.
+    """
+
+    pp: int = 1  # pipeline stages (ranks); train.grad_accum is the number of pipeline micro-batches
+    ep: int = 1  # expert-parallel ranks; must divide dp_shard and model.router.num_experts
+    dp_replicate: int = 1  # HSDP replicas
+    dp_shard: int = -1  # FSDP shards; -1: world size / (pp * dp_replicate)
+    pp_schedule: str = "1f1b"  # "1f1b" | "dualpipev" (two stages per rank in a V)
+    pp_overlap: bool = True  # dualpipev: overlap one micro-batch's expert all-to-all with another's compute
+
+
+@dataclass
 class Config:
     family: str
     model: typing.Any  # the model file's config dataclass
@@ -69,6 +85,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = ""  # the file the config came from
 
 
@@ -171,7 +188,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 def build_config(raw: dict, source: str = "") -> Config:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    known = {"model", "train", "optim", "data", "checkpoint"}
+    known = {"model", "train", "optim", "data", "checkpoint", "parallel"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown config table [{key}] (known: {', '.join(sorted(known))})")
@@ -187,6 +204,7 @@ def build_config(raw: dict, source: str = "") -> Config:
         optim=from_dict(OptimConfig, raw.get("optim", {}), "optim"),
         data=from_dict(DataConfig, raw.get("data", {}), "data"),
         checkpoint=from_dict(CheckpointConfig, raw.get("checkpoint", {}), "checkpoint"),
+        parallel=from_dict(ParallelConfig, raw.get("parallel", {}), "parallel"),
         source=source,
     )
     if not cfg.train.run_dir:
@@ -222,13 +240,53 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 0:
         raise ConfigError("checkpoint.keep must be >= 1 and checkpoint.every >= 0")
+    validate_parallel(cfg)
     max_pos = getattr(cfg.model, "max_position_embeddings", None)
     if max_pos is not None and t.seq_len > max_pos:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={max_pos}")
 
 
+def validate_parallel(cfg: Config, world_size: int | None = None) -> None:
+    """Layout checks; with `world_size` (at launch) also that the mesh fills exactly the processes started."""
+    p, t = cfg.parallel, cfg.train
+    for key in ("pp", "ep", "dp_replicate"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    if p.dp_shard < 1 and p.dp_shard != -1:
+        raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {p.dp_shard}")
+    if p.pp_schedule not in ("1f1b", "dualpipev"):
+        raise ConfigError(f"parallel.pp_schedule must be 1f1b or dualpipev, got {p.pp_schedule!r}")
+    experts = cfg.model.router.num_experts
+    if experts % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide model.router.num_experts={experts}")
+    if p.dp_shard != -1 and p.dp_shard % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide parallel.dp_shard={p.dp_shard} (ep ranks are dp_shard ranks)")
+    stages = p.pp * (2 if p.pp_schedule == "dualpipev" and p.pp > 1 else 1)
+    if stages > cfg.model.num_hidden_layers:
+        raise ConfigError(f"parallel.pp={p.pp} ({p.pp_schedule}) needs {stages} stages but the model has "
+                          f"model.num_hidden_layers={cfg.model.num_hidden_layers}")
+    if p.pp > 1 and cfg.model.tie_word_embeddings:
+        raise ConfigError("model.tie_word_embeddings is not supported with parallel.pp > 1")
+    if p.pp > 1 and p.pp_schedule == "dualpipev" and t.grad_accum < 2 * p.pp:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} must be >= 2 * parallel.pp = {2 * p.pp} for dualpipev "
+                          "(grad_accum is the number of pipeline micro-batches)")
+    if p.pp > 1 and p.pp_schedule == "dualpipev" and p.pp_overlap and p.ep > 1 and t.activation_checkpointing:
+        raise ConfigError("parallel.pp_overlap does not support train.activation_checkpointing (recomputation would "
+                          "run expert all-to-alls out of turn); set one of them false")
+    if world_size is None:
+        return
+    shard = p.dp_shard if p.dp_shard != -1 else world_size // (p.pp * p.dp_replicate)
+    if p.pp * p.dp_replicate * shard != world_size:
+        raise ConfigError(f"parallel.pp={p.pp} x dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} does not "
+                          f"match the world size {world_size} (processes started by torchrun)")
+    if shard % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide parallel.dp_shard={shard} (ep ranks are dp_shard ranks)")
+    p.dp_shard = shard
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain dict of the resolved config (written to run_dir/config.json)."""
-    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in ("model", "train", "optim", "data", "checkpoint")}
+    names = ("model", "train", "optim", "data", "checkpoint", "parallel")
+    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in names}
     out["model"] = {"family": cfg.family, **out["model"]}
     return out

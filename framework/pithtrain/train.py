@@ -4,6 +4,8 @@ One loop, read top to bottom: build the model from the config, AdamW + warmup/co
 gradient accumulation, global grad-norm clipping, bf16 autocast on GPU (fp32 master weights),
 aux-loss-free router bias updates, one JSON line of metrics per step, DCP checkpoints with
 automatic resume. Bad configuration exits with status 2 and a one-line error naming the key.
+Under torchrun the same loop runs distributed, laid out by the `[parallel]` table (parallel/mesh.py);
+rank 0 writes the run folder.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from pithtrain.config import (
 )
 from pithtrain.data import DataLoader, TokenShards, builtin_dataset, eval_batches
 from pithtrain.fileio import write_json_atomic
+from pithtrain.parallel.mesh import Parallel
 
 # Dense bf16 tensor-core peaks (datasheet, SXM) used for MFU; unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
@@ -106,17 +109,25 @@ def load_stats(load: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, shards: TokenShards, cfg: Config, device, amp_dtype) -> float | None:
-    """Mean held-out cross-entropy over up to train.eval_batches batches of the val split."""
+def evaluate(model, shards: TokenShards, cfg: Config, device, amp_dtype, par: Parallel | None = None) -> float | None:
+    """Mean held-out cross-entropy over up to train.eval_batches batches of the val split (every dp rank
+    evaluates the same batches; a pipeline runs them forward through its stages)."""
     if not shards.has_split("val"):
         return None
+    batches = list(eval_batches(shards, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches))
+    if not batches:
+        return None
     model.eval()
-    losses = []
-    for x, y in eval_batches(shards, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            losses.append(model(x.to(device), labels=y.to(device), return_logits=False).loss.float().item())
+    if par is not None and par.pipeline is not None:
+        total = par.pipeline.run(batches, amp_dtype, train=False)[0].float()
+        total = par.all_reduce(total) / par.dp_size  # the last stage's sum, seen by every rank
+    else:
+        total = 0.0
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                total += model(x.to(device), labels=y.to(device), return_logits=False).loss.float().item()
     model.train()
-    return sum(losses) / len(losses) if losses else None
+    return float(total) / len(batches)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -134,86 +145,130 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def forward_backward(model, batches, par: Parallel, device, amp_dtype) -> tuple:
+    """Forward and backward of one optimizer step's micro-batches; gradients are of the mean loss over them.
+    Returns this rank's sums of (ce, lb, z) over micro-batches and the expert load [moe layers, E]."""
+    if par.pipeline is not None:
+        return par.pipeline_step(list(model) if isinstance(model, torch.nn.ModuleList) else [model], batches,
+                                 amp_dtype)
+    ce_sum = lb_sum = z_sum = torch.zeros((), device=device)
+    load = None
+    for i, (x, y) in enumerate(batches):
+        par.set_gradient_sync([model], i == len(batches) - 1)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            out = model(x, labels=y, return_logits=False)
+            loss = (out.loss + out.aux_loss) / len(batches)
+        loss.backward()
+        ce_sum = ce_sum + out.loss.detach()
+        lb_sum, z_sum = lb_sum + out.lb_loss, z_sum + out.z_loss
+        load = out.expert_load if load is None else load + out.expert_load
+    return ce_sum, lb_sum, z_sum, load
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def build_model(cfg: Config, par: Parallel) -> tuple[torch.nn.Module, list[int], int]:
+    """(this rank's model, layer index of each MoE layer, parameter count of the full model). Every rank
+    initialises the full model from train.seed, so any layout starts from the same weights; par.build keeps
+    this rank's pipeline stages (a ModuleList when it has two), shards experts and parameters, moves to device."""
+    torch.manual_seed(cfg.train.seed)
+    _, model_cls = model_classes(cfg.family)
+    model = model_cls(cfg.model)
+    model.init_weights()
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    n_params = sum(p.numel() for p in model.parameters())
+    moe_ids = [int(name.split(".")[-3]) for name, m in model.named_modules() if hasattr(m, "update_bias")]
+    chunks = par.build(model)
+    model = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+    model.train()
+    return model, moe_ids, n_params
+
+
 def train(cfg: Config) -> dict:
-    device = resolve_device(cfg)
+    par = Parallel(cfg, resolve_device(cfg))
+    try:
+        return _train(cfg, par)
+    finally:
+        par.close()
+
+
+def _train(cfg: Config, par: Parallel) -> dict:
+    device = par.device
     amp_dtype = autocast_dtype(cfg, device)
     t = cfg.train
     run_dir = Path(t.run_dir)
+    lead = par.rank == 0  # writes the run folder and prints
     shards = resolve_data(cfg)  # before anything is written: a bad data path leaves no run folder
     init_from = cfg.checkpoint.init_from
     if init_from and not (Path(init_from) / ".metadata").is_file():
         raise ConfigError(f"checkpoint.init_from: no DCP checkpoint at {init_from}")
 
-    torch.manual_seed(t.seed)
-    _, model_cls = model_classes(cfg.family)
-    model = model_cls(cfg.model)
-    model.init_weights()
-    model.to(device)
-    model.activation_checkpointing = t.activation_checkpointing
-    model.train()
+    model, moe_ids, n_params = build_model(cfg, par)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, t.steps))
-    loader = DataLoader(shards, t.seq_len, t.micro_batch_size, t.grad_accum, seed=t.seed)
-    moe_layers = [m for m in model.modules() if hasattr(m, "update_bias")]
+    loader = DataLoader(shards, t.seq_len, t.micro_batch_size, t.grad_accum, par.dp_rank, par.dp_size, seed=t.seed)
+    # Routers by layer index; row j of the logged load is the j-th MoE layer of the full model.
+    routers = {int(name.split(".")[-3]): m for name, m in model.named_modules() if hasattr(m, "update_bias")}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", to_dict(cfg))
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", to_dict(cfg))
     metrics_path = run_dir / "metrics.jsonl"
     start_step = 0
     latest = ckpt.latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if latest is not None:
         start_step, data_state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, loader.state_dict())
         loader.load_state_dict(data_state)
-        print(f"resumed from {latest} at step {start_step}", flush=True)
     elif cfg.checkpoint.init_from:
         ckpt.load_model_weights(cfg.checkpoint.init_from, model)
-        print(f"initialised weights from {cfg.checkpoint.init_from}", flush=True)
-    truncate_metrics(metrics_path, start_step)
+    if lead:
+        truncate_metrics(metrics_path, start_step)
+        if latest is not None:
+            print(f"resumed from {latest} at step {start_step}", flush=True)
+        elif cfg.checkpoint.init_from:
+            print(f"initialised weights from {cfg.checkpoint.init_from}", flush=True)
 
-    tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * par.dp_size
     flops_per_token = model_module(cfg.family).flops_per_token(cfg.model, t.seq_len)
     peak = peak_flops(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"pithtrain: {cfg.family} {n_params / 1e6:.2f}M params on {device}"
-        f"{' (bf16 autocast)' if amp_dtype else ' (fp32)'} | {t.steps} steps x {tokens_per_step} tokens"
-        f" | run dir {run_dir}",
-        flush=True,
-    )
+    layout = "" if not par.distributed else (
+        f" | {par.world} ranks: pp {cfg.parallel.pp} ({cfg.parallel.pp_schedule}), dp {par.dp_size} "
+        f"(replicate {cfg.parallel.dp_replicate} x shard {cfg.parallel.dp_shard}), ep {cfg.parallel.ep}")
+    if lead:
+        print(
+            f"pithtrain: {cfg.family} {n_params / 1e6:.2f}M params on {device}"
+            f"{' (bf16 autocast)' if amp_dtype else ' (fp32)'} | {t.steps} steps x {tokens_per_step} tokens"
+            f"{layout} | run dir {run_dir}",
+            flush=True,
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_loss = last_loss = None
     train_start = time.perf_counter()
-    with open(metrics_path, "a") as metrics_file:
+    with open(metrics_path, "a") if lead else nullcontext() as metrics_file:
         for step in range(start_step + 1, t.steps + 1):
             step_start = time.perf_counter()
-            ce_sum = lb_sum = z_sum = torch.zeros((), device=device)
-            load = None
-            for _ in range(t.grad_accum):
-                x, y = loader.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    out = model(x, labels=y, return_logits=False)
-                    loss = (out.loss + out.aux_loss) / t.grad_accum
-                loss.backward()
-                ce_sum = ce_sum + out.loss.detach()
-                lb_sum, z_sum = lb_sum + out.lb_loss, z_sum + out.z_loss
-                load = out.expert_load if load is None else load + out.expert_load
+            batches = [loader.next_batch() for _ in range(t.grad_accum)]
+            ce_sum, lb_sum, z_sum, load = forward_backward(model, batches, par, device, amp_dtype)
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+            grad_norm = par.clip_grad_norm([p for p in model.parameters() if p.grad is not None], max_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for layer, layer_load in zip(moe_layers, load):
-                layer.update_bias(layer_load)
+            # Sums over micro-batches, dp ranks and pipeline stages; the load is the global batch's.
+            sums = par.all_reduce(torch.stack([ce_sum.float(), lb_sum.float(), z_sum.float()]))
+            load = par.all_reduce(load)
+            for row, layer in enumerate(moe_ids):
+                if layer in routers:
+                    routers[layer].update_bias(load[row])
 
-            loss_value = (ce_sum / t.grad_accum).item()  # the one host sync per step
+            ce, lb, z = (sums / (t.grad_accum * par.dp_size)).tolist()  # the one host sync per step
+            loss_value = ce
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_time = time.perf_counter() - step_start
@@ -223,26 +278,28 @@ def train(cfg: Config) -> dict:
             record = {
                 "step": step,
                 "loss": loss_value,
-                "lb_loss": (lb_sum / t.grad_accum).item(),
-                "z_loss": (z_sum / t.grad_accum).item(),
+                "lb_loss": lb,
+                "z_loss": z,
                 "grad_norm": grad_norm.item(),
                 "lr": lr,
                 "tokens": step * tokens_per_step,
                 "step_time_s": step_time,
                 "tokens_per_s": tokens_per_s,
-                "mfu": flops_per_token * tokens_per_s / peak if peak else None,
+                "mfu": flops_per_token * tokens_per_s / (peak * par.world) if peak else None,
                 "peak_mem_gib": peak_memory_gib(device),
                 **load_stats(load),
             }
             if t.eval_every and step % t.eval_every == 0:
-                record["val_loss"] = evaluate(model, shards, cfg, device, amp_dtype)
+                record["val_loss"] = evaluate(model, shards, cfg, device, amp_dtype, par)
             if not math.isfinite(loss_value):
                 print(f"error: loss is {loss_value} at step {step}; stopping", file=sys.stderr, flush=True)
-                metrics_file.write(json.dumps(record) + "\n")
+                if lead:
+                    metrics_file.write(json.dumps(record) + "\n")
                 raise SystemExit(1)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if step % t.log_every == 0 or step == t.steps:
+            if lead:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if lead and (step % t.log_every == 0 or step == t.steps):
                 done = step - start_step
                 eta = (time.perf_counter() - train_start) / done * (t.steps - step)
                 mfu = f" | mfu {record['mfu']:.1%}" if record["mfu"] is not None else ""
@@ -258,13 +315,14 @@ def train(cfg: Config) -> dict:
                                      keep=cfg.checkpoint.keep)
 
     elapsed = time.perf_counter() - train_start
-    val_loss = evaluate(model, shards, cfg, device, amp_dtype)
+    val_loss = evaluate(model, shards, cfg, device, amp_dtype, par)
     summary = {
         "family": cfg.family,
         "config": cfg.source,
         "run_dir": str(run_dir),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "params": n_params,
+        "world_size": par.world,
         "steps": t.steps,
         "resumed_from_step": start_step,
         "first_loss": first_loss,
@@ -273,6 +331,8 @@ def train(cfg: Config) -> dict:
         "train_time_s": elapsed,
         "peak_mem_gib": peak_memory_gib(device),
     }
+    if not lead:
+        return summary
     write_json_atomic(run_dir / "summary.json", summary)
     if first_loss is not None:
         val = f", held-out loss {val_loss:.4f}" if val_loss is not None else ""

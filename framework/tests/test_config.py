@@ -8,7 +8,7 @@ from pithtrain.config import ConfigError, load_config, parse_override
 
 def test_tiny_configs_load():
     for name in ("tiny-deepseek-v2-lite", "tiny-qwen3-moe", "small-deepseek-v2-lite", "small-qwen3-moe",
-                 "deepseek-v2-lite", "qwen3-30b-a3b"):
+                 "deepseek-v2-lite", "qwen3-30b-a3b", "small-qwen3-moe-ep2"):
         cfg = load_config(CONFIGS / f"{name}.toml")
         assert cfg.train.run_dir == f"runs/{name}"
 

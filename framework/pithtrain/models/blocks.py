@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from pithtrain.ops.grouped_mm import grouped_mm
 from pithtrain.ops.permute import permute, unpermute
@@ -168,10 +170,30 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
         x_sorted, order, counts = permute(x, expert_ids, self.w_gate_up.shape[0])
+        return unpermute(self.run(x_sorted, counts), order, gate_weights)
+
+    def run(self, x_sorted: torch.Tensor, counts: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
+        """Rows sorted by expert, counts [experts held here] -> expert outputs in the same order. Under expert
+        parallelism the weights are DTensors sharded over the ep ranks (this rank computes its local slice), and
+        grad_scale < 1 turns the sum of every ep rank's loss gradient into their mean (see parallel/expert.py)."""
+        w1, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w_gate_up, self.w_down))
+        if grad_scale != 1.0:
+            w1, w2 = _ScaleGrad.apply(w1, grad_scale), _ScaleGrad.apply(w2, grad_scale)
         offsets = counts.cumsum(0).to(torch.int32)
-        hidden = swiglu(grouped_mm(x_sorted, self.w_gate_up, offsets))
-        y_sorted = grouped_mm(hidden, self.w_down, offsets)
-        return unpermute(y_sorted, order, gate_weights)
+        return grouped_mm(swiglu(grouped_mm(x_sorted, w1, offsets)), w2, offsets)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 class MoE(nn.Module):
@@ -184,12 +206,16 @@ class MoE(nn.Module):
         self.shared_experts = (
             SwiGLUMLP(hidden_size, expert_intermediate_size * num_shared_experts) if num_shared_experts else None
         )
+        self.ep = None  # parallel.expert.ExpertParallel when the experts are sharded over several ranks
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         route = self.gate(flat, batch_size=batch)
-        y = self.experts(flat, route.expert_ids, route.gate_weights)
+        if self.ep is None:
+            y = self.experts(flat, route.expert_ids, route.gate_weights)
+        else:
+            y = self.ep(flat, route.expert_ids, route.gate_weights, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(batch, seq, hidden), route
@@ -202,6 +228,30 @@ class CausalLMOutput(NamedTuple):
     lb_loss: torch.Tensor  # sum over MoE layers of the unweighted balance loss (for logging)
     z_loss: torch.Tensor  # likewise for the z-loss
     expert_load: torch.Tensor  # [num_moe_layers, E] int64, tokens per expert in this forward
+    hidden: torch.Tensor | None = None  # a pipeline stage without lm_head: its output hidden state
+
+
+def decoder_forward(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, return_logits: bool):
+    """embed_tokens -> decoder layers -> norm + lm_head, shared by the model files. A pipeline stage is the same
+    model with parts removed (parallel/pipeline.py): without embed_tokens `x` is the incoming hidden state, without
+    lm_head the outgoing one is returned in `hidden`. `model.layers` is a ModuleDict keyed by the global layer
+    index, so a stage's parameter names are the full model's."""
+    h = x if model.embed_tokens is None else model.embed_tokens(x)
+    cos, sin = model.rope(h.shape[1], h.device, h.dtype)
+    routes = []
+    for layer in model.layers.values():
+        if model.activation_checkpointing and torch.is_grad_enabled():
+            h, route = checkpoint(layer, h, cos, sin, use_reentrant=False)
+        else:
+            h, route = layer(h, cos, sin)
+        if route is not None:
+            routes.append(route)
+    aux, lb, z, load = collect_router_stats(routes, model.cfg.router, h.device)
+    if model.lm_head is None:
+        return CausalLMOutput(None, None, aux, lb, z, load, hidden=h)
+    logits = model.lm_head(model.norm(h))
+    loss = causal_lm_loss(logits, labels) if labels is not None else None
+    return CausalLMOutput(logits if return_logits else None, loss, aux, lb, z, load)
 
 
 def collect_router_stats(routes: list[RouterOutput], cfg: RouterConfig, device) -> tuple:

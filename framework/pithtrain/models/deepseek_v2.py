@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pithtrain.models import blocks
 from pithtrain.models.blocks import MoE, RMSNorm, RouterConfig, SwiGLUMLP
@@ -230,7 +229,7 @@ class DeepseekV2(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -239,24 +238,14 @@ class DeepseekV2(nn.Module):
     def init_weights(self) -> None:
         blocks.init_weights(self, self.cfg.init_std)
 
+    def rope(self, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.cfg, seq_len, device)
+
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True
     ):
         """input_ids [B, S]; labels [B, S] already shifted (-100 ignored) -> blocks.CausalLMOutput."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_tables(self.cfg, input_ids.shape[1], x.device)
-        routes = []
-        for layer in self.layers:
-            if self.activation_checkpointing:
-                x, route = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x, route = layer(x, cos, sin)
-            if route is not None:
-                routes.append(route)
-        logits = self.lm_head(self.norm(x))
-        loss = blocks.causal_lm_loss(logits, labels) if labels is not None else None
-        aux, lb, z, load = blocks.collect_router_stats(routes, self.cfg.router, x.device)
-        return blocks.CausalLMOutput(logits if return_logits else None, loss, aux, lb, z, load)
+        return blocks.decoder_forward(self, input_ids, labels, return_logits)
 
 
 def flops_per_token(cfg: DeepseekV2Config, seq_len: int) -> float:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pithtrain.models.blocks import (
     CausalLMOutput,
@@ -17,8 +16,7 @@ from pithtrain.models.blocks import (
     RMSNorm,
     RouterConfig,
     SwiGLUMLP,
-    causal_lm_loss,
-    collect_router_stats,
+    decoder_forward,
     experts_from_hf,
     experts_to_hf,
     init_weights,
@@ -152,7 +150,7 @@ class Qwen3Moe(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -162,25 +160,15 @@ class Qwen3Moe(nn.Module):
     def init_weights(self) -> None:
         init_weights(self, self.cfg.init_std)
 
+    def rope(self, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
+
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True
     ) -> CausalLMOutput:
         """input_ids [B, S]; labels [B, S] already shifted (labels[:, t] is the token after input_ids[:, t]),
         -100 ignored. Positions are 0..S-1 in every row."""
-        h = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
-        routes = []
-        for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                h, route = checkpoint(layer, h, cos, sin, use_reentrant=False)
-            else:
-                h, route = layer(h, cos, sin)
-            if route is not None:
-                routes.append(route)
-        logits = self.lm_head(self.norm(h))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        aux_loss, lb_loss, z_loss, load = collect_router_stats(routes, self.cfg.router, h.device)
-        return CausalLMOutput(logits if return_logits else None, loss, aux_loss, lb_loss, z_loss, load)
+        return decoder_forward(self, input_ids, labels, return_logits)
 
 
 def flops_per_token(cfg: Qwen3MoeConfig, seq_len: int) -> float:

@@ -25,7 +25,7 @@ def unpermute(y_sorted: torch.Tensor, order: torch.Tensor, gate_weights: torch.T
     num_tokens, top_k = gate_weights.shape
     y = torch.empty_like(y_sorted)
     y[order] = y_sorted
-    y = y.view(num_tokens, top_k, -1)
+    y = y.view(num_tokens, top_k, y.shape[-1])
     return torch.einsum("tkh,tk->th", y, gate_weights.to(y.dtype))
 
 

@@ -1,0 +1,113 @@
+"""PithTrain adapter: lay `framework/` out as an agent workspace, launch the standard run, read its metrics.
+
+The workspace is the framework folder as a user would clone it (package at `<ws>/pithtrain`, so
+`PYTHONPATH=<ws>` imports it), in a fresh git repository whose single baseline commit has a fixed
+author and date: the same framework files always give the same commit hash, and verifiers can diff
+against (or export) the baseline. `pithtrain-noskills` is the same workspace without `skills/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+NAME = "pithtrain"
+VARIANTS = {"pithtrain": {"skills": True}, "pithtrain-noskills": {"skills": False}}
+REPO = Path(__file__).resolve().parents[2]
+FRAMEWORK_DIR = REPO / "framework"
+SMOKE_CONFIG = "tiny-deepseek-v2-lite"  # the tiny CPU config the getting-started task expects
+
+_INCLUDE = ("pithtrain", "configs", "tests", "README.md", "AGENTS.md", "pyproject.toml")
+_EXCLUDE = ("runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "*.pyc")
+_GITIGNORE = "runs/\n__pycache__/\n*.egg-info/\n.pytest_cache/\n.ruff_cache/\n.cache/\n"
+_BASELINE_DATE = "2025-01-01T00:00:00+0000"
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "ATE-Bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_AUTHOR_DATE": _BASELINE_DATE,
+    "GIT_COMMITTER_NAME": "ATE-Bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
+    "GIT_COMMITTER_DATE": _BASELINE_DATE,
+    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,  # no user hooks, signing or templates
+}
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, **_GIT_ENV}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def version() -> dict:
+    """Package version plus the commit of the repository holding `framework/` (dirty when it has local edits)."""
+    out = {"framework": NAME, "version": tomllib.loads((FRAMEWORK_DIR / "pyproject.toml").read_text())["project"]["version"]}
+    try:
+        out["commit"] = _git(["rev-parse", "HEAD"], REPO).strip()
+        out["dirty"] = bool(_git(["status", "--porcelain", "--", "framework"], REPO).strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return out
+
+
+def build_workspace(dst: Path, skills: bool = True) -> Path:
+    """Copy the framework into `dst` (must be absent or empty) and commit it as the reproducible baseline."""
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"workspace folder {dst} is not empty")
+    dst.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns(*_EXCLUDE)
+    for name in (*_INCLUDE, *(("skills",) if skills else ())):
+        src = FRAMEWORK_DIR / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, dst / name)
+    (dst / ".gitignore").write_text(_GITIGNORE)
+    _git(["init", "-q", "-b", "main"], dst)
+    _git(["add", "-A"], dst)
+    _git(["commit", "-q", "--no-gpg-sign", "--no-verify", "-m", "PithTrain baseline (ATE-Bench workspace)"], dst)
+    return dst
+
+
+def build(framework: str, dst: Path) -> Path:
+    """build_workspace for a framework name of this adapter (`pithtrain`, `pithtrain-noskills`)."""
+    if framework not in VARIANTS:
+        raise ValueError(f"unknown framework {framework!r} (known: {', '.join(VARIANTS)})")
+    return build_workspace(dst, **VARIANTS[framework])
+
+
+def baseline_commit(workspace: Path) -> str:
+    """The workspace's root commit (what build_workspace made), even after the agent committed on top."""
+    return _git(["rev-list", "--max-parents=0", "HEAD"], Path(workspace)).split()[-1]
+
+
+def python_env(workspace: str = "/workspace", cache_dir: str | None = None) -> dict[str, str]:
+    """Environment for commands in the sandbox: the workspace's package first on the path, and the builtin
+    dataset cache outside the workspace (Q&A workspaces are read-only). Give each trial its own cache_dir
+    where the backend shares /tmp between trials (local), so no trial starts with another's warm cache."""
+    return {"PYTHONPATH": workspace, "PITHTRAIN_CACHE": cache_dir or "/tmp/pithtrain-cache",
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_spec_command(config: str, steps: int, run_dir: str) -> str:
+    """The standard launch command, run from the workspace root; `config` is a name in configs/ or a path."""
+    if "/" not in config and not config.endswith(".toml"):
+        config = f"configs/{config}.toml"
+    return (f"python -m pithtrain.train --config {shlex.quote(config)} --set train.steps={int(steps)} "
+            f"--set train.run_dir={shlex.quote(run_dir)}")
+
+
+def parse_metrics(run_dir: Path) -> list[dict]:
+    """One dict per line of `<run_dir>/metrics.jsonl` ([] when absent); a malformed line raises ValueError."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    return rows

@@ -1,0 +1,1 @@
+"""ATE-Bench: agent-task efficiency of coding agents on training-framework tasks."""

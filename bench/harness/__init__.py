@@ -1,0 +1,1 @@
+"""The benchmark's engine: sandboxes, agents, accounting, metering, verification, results."""

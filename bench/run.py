@@ -21,9 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.harness.core import HarnessError, discover_tasks
+from bench.harness.gpus import GpuPool
 from bench.harness.results import RunStore
-from bench.harness.sandbox_docker import GpuPool
-from bench.harness.trial import AGENTS, FRAMEWORKS, TrialPlan, detect_gpus, make_backend, run_trial
+from bench.harness.trial import AGENTS, FRAMEWORKS, TrialPlan, make_backend, run_trial
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs (CI, files): wide enough that the summary table is not truncated
@@ -75,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         tasks = discover_tasks(args.tasks, args.framework)
-        gpus = detect_gpus(args.gpus)
+        gpu_pool = GpuPool.from_spec(args.gpus)
         backend = make_backend(args.sandbox)
     except HarnessError as e:
         console.print(f"error: {e}", markup=False)
         return 2
-    runnable = [t for t in tasks if t.gpus <= len(gpus)]
+    runnable = [t for t in tasks if t.gpus <= len(gpu_pool)]
     for t in tasks:
         if t not in runnable:
-            console.print(f"skip {t.name}: needs {t.gpus} GPU(s), {len(gpus)} available", markup=False)
+            console.print(f"skip {t.name}: needs {t.gpus} GPU(s), {len(gpu_pool)} available", markup=False)
     if not runnable:
         console.print("error: no task to run (see skips above)")
         return 2
@@ -106,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
                   console=console, transient=False) as progress:
         bar = progress.add_task(f"{args.agent} on {args.framework}", total=len(todo))
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            gpu_pool = GpuPool(gpus)
             futures = {pool.submit(run_trial, plan, backend, gpu_pool, store): plan for plan in todo}
             for fut in as_completed(futures):
                 record = fut.result()

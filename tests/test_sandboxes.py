@@ -389,7 +389,7 @@ def test_docker_pithtrain_image(engine, dsb, tmp_path) -> None:
 
 
 def test_gpu_pool() -> None:
-    from bench.harness.sandbox_docker import GpuPool
+    from bench.harness.gpus import GpuPool
 
     pool = GpuPool(["GPU-a", "GPU-b", "GPU-c"])
     a = pool.acquire(2)

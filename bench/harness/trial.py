@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -20,8 +19,8 @@ import adapters
 from bench.harness import metrics
 from bench.harness.agents import get_agent
 from bench.harness.core import AgentContext, HarnessError, Task, TrialRecord
+from bench.harness.gpus import GpuPool
 from bench.harness.meter import METER_DIR, GpuSampler, meter_intervals
-from bench.harness.sandbox_docker import GpuPool
 from bench.harness.verifier import run_verifier
 
 AGENTS = ("oracle", "null", "replay", "claude-code", "codex", "openai")
@@ -42,19 +41,6 @@ class TrialPlan:
     @property
     def trial_id(self) -> str:
         return f"{self.task.category}__{self.task.id}__{self.framework}__{self.agent}__{self.attempt}"
-
-
-def detect_gpus(spec: str) -> list[str]:
-    """GPU ids to hand out: 'none', 'auto' (every GPU nvidia-smi lists, by UUID) or an explicit list."""
-    if spec == "none":
-        return []
-    if spec != "auto":
-        return [g.strip() for g in spec.split(",") if g.strip()]
-    if shutil.which("nvidia-smi") is None:
-        return []
-    out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
-                         text=True, timeout=30)
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
 class LocalBackend:

@@ -42,7 +42,8 @@ def parse_args(argv):
     p.add_argument("--model", default=None, help="model name passed to live agents")
     p.add_argument("--upstream", default=None,
                    help="model API base URL the accounting proxy forwards to (default: the agent's public API)")
-    p.add_argument("--script", type=Path, default=None, help="replay agent: the recorded trajectory (fake-server script)")
+    p.add_argument("--script", type=Path, default=None, help="a fake-server script (bench/harness/fake_server.py): the replay agent's recorded "
+                        "trajectory, or any live agent run offline against our fake model")
     p.add_argument("--jobs", type=int, default=1, help="trials run at once (default 1)")
     p.add_argument("--gpus", default="auto",
                    help="GPUs to hand out: 'auto' (all visible), 'none', or a comma list of indices/UUIDs")

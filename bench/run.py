@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.harness.agents import AGENT_NAMES
 from bench.harness.core import HarnessError, discover_tasks
 from bench.harness.gpus import GpuPool
 from bench.harness.results import RunStore
-from bench.harness.trial import AGENTS, FRAMEWORKS, TrialPlan, make_backend, run_trial
+from bench.harness.trial import FRAMEWORKS, TrialPlan, make_backend, run_trial
 
 console = Console(stderr=True)
 if not console.is_terminal:  # logs (CI, files): wide enough that the summary table is not truncated
@@ -32,7 +33,7 @@ if not console.is_terminal:  # logs (CI, files): wide enough that the summary ta
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--agent", default="oracle", choices=AGENTS, help="agent to run (default: oracle)")
+    p.add_argument("--agent", default="oracle", choices=AGENT_NAMES, help="agent to run (default: oracle)")
     p.add_argument("--framework", default="pithtrain", choices=FRAMEWORKS, help="framework under test")
     p.add_argument("--tasks", nargs="+", default=["all"], metavar="ID|CATEGORY",
                    help="task ids, categories (qa, operate, feature) or category/id; default: all")

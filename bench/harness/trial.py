@@ -23,7 +23,6 @@ from bench.harness.gpus import GpuPool
 from bench.harness.meter import METER_DIR, GpuSampler, meter_intervals
 from bench.harness.verifier import run_verifier
 
-AGENTS = ("oracle", "null", "replay", "claude-code", "codex", "openai")
 FRAMEWORKS = ("pithtrain", "pithtrain-noskills")
 
 

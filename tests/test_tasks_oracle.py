@@ -213,6 +213,10 @@ def test_adapter_workspace(tmp_path):
     assert head(a) == head(pithtrain.build_workspace(tmp_path / "c"))  # reproducible baseline commit
     assert pithtrain.baseline_commit(a) == head(a).strip()
     assert (a / "pithtrain" / "models").is_dir() and (a / "AGENTS.md").is_file() and not (b / "skills").exists()
+    assert (a / "skills" / "README.md").is_file() and (a / "scripts" / "slurm.sh").is_file()
+    assert "## Skills" in (a / "AGENTS.md").read_text() and "## Skills" not in (b / "AGENTS.md").read_text()
+    assert (a / "tests" / "test_skills.py").is_file() and not (b / "tests" / "test_skills.py").exists()
+    assert "## Rules of the house" in (b / "AGENTS.md").read_text()
     assert not list(a.rglob("__pycache__")) and not (a / "runs").exists() and not list(a.glob("*.egg-info"))
     assert pithtrain.run_spec_command("tiny-qwen3-moe", 5, "runs/x") == (
         "python -m pithtrain.train --config configs/tiny-qwen3-moe.toml --set train.steps=5 --set train.run_dir=runs/x")

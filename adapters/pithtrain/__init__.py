@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 FRAMEWORK_DIR = REPO / "framework"
 SMOKE_CONFIG = "tiny-deepseek-v2-lite"  # the tiny CPU config the getting-started task expects
 
-_INCLUDE = ("pithtrain", "configs", "tests", "README.md", "AGENTS.md", "pyproject.toml")
+_INCLUDE = ("pithtrain", "configs", "scripts", "tests", "README.md", "AGENTS.md", "pyproject.toml")
 _EXCLUDE = ("runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "*.pyc")
 _GITIGNORE = "runs/\n__pycache__/\n*.egg-info/\n.pytest_cache/\n.ruff_cache/\n.cache/\n"
 _BASELINE_DATE = "2025-01-01T00:00:00+0000"
@@ -63,6 +63,14 @@ def build_workspace(dst: Path, skills: bool = True) -> Path:
             shutil.copytree(src, dst / name, ignore=ignore)
         elif src.is_file():
             shutil.copy2(src, dst / name)
+    if not skills:  # the ablation: no trace of the skills (their tests and the AGENTS.md section go too)
+        (dst / "tests" / "test_skills.py").unlink(missing_ok=True)
+        agents = dst / "AGENTS.md"
+        text = agents.read_text()
+        start = text.find("\n## Skills")
+        if start >= 0:
+            end = text.find("\n## ", start + 1)
+            agents.write_text(text[:start] + (text[end:] if end >= 0 else "\n"))
     (dst / ".gitignore").write_text(_GITIGNORE)
     _git(["init", "-q", "-b", "main"], dst)
     _git(["add", "-A"], dst)

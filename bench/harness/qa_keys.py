@@ -25,6 +25,11 @@ Key file (`tests/keys/<framework>.toml`):
     any = ['deepseek(?:(?!qwen)[\\s\\S]){0,400}?interleav']
     required = true
 
+    [[forbidden]]          # a claim the answer must not make: any regex matching fails the answer ...
+    id = "claims_cp"
+    any = ['ring[ -]?attention']
+    unless = ['\\b(?:no|not|without)\\b']   # optional: ... unless one matches the sentence holding the match
+
 A symbol is `func`, `Class`, `Class.method` (any depth) or a module-level assignment name, resolved
 with `ast` when the answer is checked, so keys survive edits that move code. `Symbol:regex` narrows
 it to the statements inside the symbol whose lines match the regex (e.g. the call that rotates q, k).
@@ -35,10 +40,15 @@ relative to the workspace; a leading `./`, the absolute workspace path, `/worksp
 leading folders are stripped, and a bare file name resolves when it is unique in the workspace. A
 citation of a file that does not exist or of a line past its end is bogus.
 
-Reward is strict: 1.0 only when every required anchor is hit, every required fact is present, no
-citation is bogus and the citation count is within max_citations; otherwise 0.0, with sub-scores
-saying why. An anchor none of whose symbols resolves (or a broken key) is a verifier error (exit 2),
-never a zero for the agent; `check` (CI) is stricter and wants every listed symbol to resolve.
+A sentence, for `unless`, is the text between breaks: `.`, `!`, `?` or `;` before white space, a blank
+line, or a line break before a list item, heading or table row (a line wrapped inside a sentence does
+not end it). So a negated mention ("there is no ring attention") is forgiven, a plain claim is not.
+
+Ids are unique across anchors, facts and forbidden claims. Reward is strict: 1.0 only when every
+required anchor is hit, every required fact is present, no forbidden claim is made, no citation is
+bogus and the citation count is within max_citations; otherwise 0.0, with sub-scores saying why. An
+anchor none of whose symbols resolves (or a broken key) is a verifier error (exit 2), never a zero
+for the agent; `check` (CI) is stricter and wants every listed symbol to resolve.
 """
 
 from __future__ import annotations
@@ -217,11 +227,19 @@ class Fact:
 
 
 @dataclass
+class Forbidden:
+    id: str
+    patterns: list[re.Pattern]
+    unless: list[re.Pattern] = field(default_factory=list)
+
+
+@dataclass
 class Key:
     anchors: list[Anchor]
     facts: list[Fact]
     max_citations: int = DEFAULT_MAX_CITATIONS
     max_range: int = DEFAULT_MAX_RANGE
+    forbidden: list[Forbidden] = field(default_factory=list)
 
 
 def _resolve_anchor(a: dict, aid: str, workspace: Path) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -265,8 +283,8 @@ def load_key(key_file: Path, workspace: Path, strict: bool = False) -> Key:
         raw = tomllib.loads(Path(key_file).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise KeyFileError(f"{key_file}: {e}") from None
-    errors, anchors, facts = [], [], []
-    unknown = set(raw) - {"question", "max_citations", "max_range", "anchors", "facts"}
+    errors, anchors, facts, forbidden = [], [], [], []
+    unknown = set(raw) - {"question", "max_citations", "max_range", "anchors", "facts", "forbidden"}
     if unknown:
         errors.append(f"unknown top-level key(s) {sorted(unknown)}")
     for i, a in enumerate(raw.get("anchors", [])):
@@ -284,6 +302,20 @@ def load_key(key_file: Path, workspace: Path, strict: bool = False) -> Key:
         if not pats:
             errors.append(f"fact {fid}: needs `any` (a list of regexes)")
         facts.append(Fact(fid, pats, f.get("required", True)))
+    for i, f in enumerate(raw.get("forbidden", [])):
+        fid = f.get("id", f"forbidden[{i}]")
+        try:
+            pats, unless = ([re.compile(p, re.IGNORECASE) for p in f.get(k, [])] for k in ("any", "unless"))
+        except re.error as e:
+            errors.append(f"forbidden {fid}: bad regex ({e})")
+            continue
+        if not pats:
+            errors.append(f"forbidden {fid}: needs `any` (a list of regexes)")
+        forbidden.append(Forbidden(fid, pats, unless))
+    ids = [x.id for x in (*anchors, *facts, *forbidden)]
+    dups = sorted({i for i in ids if ids.count(i) > 1})
+    if dups:
+        errors.append(f"ids must be unique across anchors, facts and forbidden claims: {dups}")
     if any(a.negative for a in anchors) and not any(f.required for f in facts):
         errors.append("a key with negative anchors needs a required fact saying the feature is absent")
     if not anchors and not facts:
@@ -291,7 +323,7 @@ def load_key(key_file: Path, workspace: Path, strict: bool = False) -> Key:
     if errors:
         raise KeyFileError(f"{key_file}: " + "; ".join(errors))
     return Key(anchors, facts, raw.get("max_citations", DEFAULT_MAX_CITATIONS),
-               raw.get("max_range", DEFAULT_MAX_RANGE))
+               raw.get("max_range", DEFAULT_MAX_RANGE), forbidden)
 
 
 def check_key_resolves(key_file: Path, workspace: Path) -> list[str]:
@@ -304,6 +336,26 @@ def check_key_resolves(key_file: Path, workspace: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- scoring
+
+_SENTENCE_BREAK = re.compile(r"[.!?;](?=\s)|\n(?=[ \t]*(?:\n|[-*+] |\d+[.)] |#|\|))")
+
+
+def sentence_at(text: str, start: int, end: int) -> str:
+    """The sentence of `text` holding text[start:end] (breaks: see the module docstring)."""
+    a = max((m.end() for m in _SENTENCE_BREAK.finditer(text, 0, start)), default=0)
+    b = _SENTENCE_BREAK.search(text, end)
+    return text[a:b.start() if b else len(text)]
+
+
+def forbidden_claims(answer: str, f: Forbidden) -> list[str]:
+    """The sentences of `answer` that make claim `f` (a match of `any` not forgiven by `unless`)."""
+    out = []
+    for p in f.patterns:
+        for m in p.finditer(answer):
+            s = sentence_at(answer, m.start(), m.end())
+            if not any(u.search(s) for u in f.unless):
+                out.append(s.strip())
+    return out
 
 
 def score(answer: str, key_file: Path, workspace: Path) -> dict:
@@ -326,7 +378,9 @@ def score(answer: str, key_file: Path, workspace: Path) -> dict:
     too_many = len(cites) > key.max_citations
     missed = [i for i in req_a if not hits[i]]
     missing = [i for i in req_f if not present[i]]
-    passed = not missed and not missing and not bogus and not too_many and bool(answer.strip())
+    claimed = {f.id: forbidden_claims(answer, f) for f in key.forbidden}
+    claimed = {k: v for k, v in claimed.items() if v}
+    passed = not missed and not missing and not claimed and not bogus and not too_many and bool(answer.strip())
     return {
         "reward": 1.0 if passed else 0.0,
         "anchors": round(sum(hits[i] for i in req_a) / len(req_a), 4) if req_a else 1.0,
@@ -336,6 +390,8 @@ def score(answer: str, key_file: Path, workspace: Path) -> dict:
         "too_many_citations": too_many,
         "missed_anchors": missed,
         "missing_facts": missing,
+        "forbidden_claims": sorted(claimed),
+        "forbidden_sentences": [s[:200] for v in claimed.values() for s in v][:5],
         "bogus": bogus[:10],
         "optional_present": [k for k, v in {**hits, **present}.items() if v and k not in req_a + req_f],
     }

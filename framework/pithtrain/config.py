@@ -28,6 +28,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if present, else cpu) | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu) | "bf16" | "fp32"
     activation_checkpointing: bool = False
+    compile: str = "none"  # torch.compile: "none" | "regions" (attention, router, experts... each) | "layers"
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate held-out loss only at the end
     eval_batches: int = 8
@@ -228,6 +229,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
     if t.dtype not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.dtype must be auto, bf16 or fp32, got {t.dtype!r}")
+    if t.compile not in ("none", "regions", "layers"):
+        raise ConfigError(f"train.compile must be none, regions or layers, got {t.compile!r}")
     if o.schedule not in ("cosine", "wsd", "constant"):
         raise ConfigError(f"optim.schedule must be cosine, wsd or constant, got {o.schedule!r}")
     if o.lr <= 0:

@@ -11,6 +11,7 @@ rank 0 writes the run folder.
 import argparse
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from pithtrain import checkpoint as ckpt
 from pithtrain.config import (
@@ -31,10 +33,19 @@ from pithtrain.config import (
 )
 from pithtrain.data import DataLoader, TokenShards, builtin_dataset, eval_batches
 from pithtrain.fileio import write_json_atomic
+from pithtrain.models.blocks import MoE
 from pithtrain.parallel.mesh import Parallel
 
 # Dense bf16 tensor-core peaks (datasheet, SXM) used for MFU; unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def default_allocator_settings() -> None:
+    """Expandable CUDA segments unless the user chose allocator settings: MoE steps allocate many differently
+    sized buffers, and fragmentation otherwise costs GiBs (TorchTitan's launcher sets the same). Call before CUDA
+    is first used."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -81,7 +92,9 @@ def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optim
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+    # The fused (single-kernel) update on CUDA: the foreach one was ~40% of a small-batch step (benchmarks/NOTES.md).
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused, foreach=not fused)
 
 
 def resolve_data(cfg: Config) -> TokenShards:
@@ -166,6 +179,26 @@ def forward_backward(model, batches, par: Parallel, device, amp_dtype) -> tuple:
     return ce_sum, lb_sum, z_sum, load
 
 
+def optimizer_step(model, optimizer, scheduler, par: Parallel, grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm to grad_clip (0: no clipping; the norm is returned either way), step, and
+    clear the gradients. The fused AdamW applies the clip factor itself (its `grad_scale` input divides every
+    gradient), which saves a read and a write of all gradients; the foreach path scales them first."""
+    with record_function("pithtrain.optimizer"):
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = par.grad_norm(params)
+        if grad_clip > 0:
+            factor = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            if optimizer.defaults.get("fused"):
+                optimizer.grad_scale = 1.0 / factor
+            elif params:
+                grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+                torch._foreach_mul_(grads, factor.to(grads[0].device))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -183,9 +216,34 @@ def build_model(cfg: Config, par: Parallel) -> tuple[torch.nn.Module, list[int],
     n_params = sum(p.numel() for p in model.parameters())
     moe_ids = [int(name.split(".")[-3]) for name, m in model.named_modules() if hasattr(m, "update_bias")]
     chunks = par.build(model)
+    for chunk in chunks:
+        apply_compile(chunk, cfg.train.compile)
     model = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
     model.train()
     return model, moe_ids, n_params
+
+
+def apply_compile(model: torch.nn.Module, mode: str) -> None:
+    """torch.compile each decoder layer ("layers") or each region inside it ("regions": attention, norms, router,
+    expert GEMMs, dense and shared MLPs, final norm), by replacing `forward`, so module hooks (FSDP's) stay outside
+    the compiled graphs. "regions" keeps the profiler annotations between regions (the benchmark breakdown);
+    "layers" lets the compiler fuse across them."""
+    if mode == "none":
+        return
+    for layer in model.layers.values():
+        if mode == "layers":
+            layer.forward = torch.compile(layer.forward)
+            continue
+        parts = [layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm]
+        if isinstance(layer.mlp, MoE):
+            parts += [layer.mlp.gate] + ([layer.mlp.shared_experts] if layer.mlp.shared_experts is not None else [])
+            layer.mlp.experts.run = torch.compile(layer.mlp.experts.run)
+        else:
+            parts.append(layer.mlp)
+        for part in parts:
+            part.forward = torch.compile(part.forward)
+    if getattr(model, "norm", None) is not None:
+        model.norm.forward = torch.compile(model.norm.forward)
 
 
 def train(cfg: Config) -> dict:
@@ -254,12 +312,8 @@ def _train(cfg: Config, par: Parallel) -> dict:
             step_start = time.perf_counter()
             batches = [loader.next_batch() for _ in range(t.grad_accum)]
             ce_sum, lb_sum, z_sum, load = forward_backward(model, batches, par, device, amp_dtype)
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = par.clip_grad_norm([p for p in model.parameters() if p.grad is not None], max_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, scheduler, par, cfg.optim.grad_clip)
             # Sums over micro-batches, dp ranks and pipeline stages; the load is the global batch's.
             sums = par.all_reduce(torch.stack([ce_sum.float(), lb_sum.float(), z_sum.float()]))
             load = par.all_reduce(load)
@@ -354,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value, e.g. --set train.steps=20 --set model.router.top_k=2 (repeatable)",
     )
     args = parser.parse_args(argv)
+    default_allocator_settings()
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg)

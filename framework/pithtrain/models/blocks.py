@@ -14,10 +14,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
+from pithtrain.ops.cross_entropy import linear_cross_entropy
 from pithtrain.ops.grouped_mm import grouped_mm
 from pithtrain.ops.permute import permute, unpermute
+from pithtrain.ops.rmsnorm import rms_norm
+from pithtrain.ops.router import balanced_assignment, router_topk
 from pithtrain.ops.swiglu import swiglu
 
 
@@ -28,10 +32,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """weight * (x / rms(x)) computed in fp32 and rounded to x's dtype before the weight (as transformers)."""
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLUMLP(nn.Module):
@@ -63,6 +65,9 @@ class RouterConfig:
     lb_loss_coef: float = 0.0  # load-balancing loss weight
     lb_loss_level: str = "micro_batch"  # "micro_batch" | "sequence" | "global_batch"
     z_loss_coef: float = 0.0  # router z-loss weight: mean(logsumexp(logits)^2)
+    # Throughput benchmarking only: every expert gets the same number of token slots (the router still scores
+    # and its gate weights still train), as production benchmarks do to take routing skew out of the numbers.
+    force_balanced: bool = False
 
     def validate(self, prefix: str = "model.router") -> None:
         """Raise ValueError naming the offending key."""
@@ -86,6 +91,13 @@ class RouterConfig:
             )
 
 
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots routed to each expert [E] int64; a scatter-add, so its shape is static (bincount's depends on the
+    data, which breaks torch.compile graphs) and nothing waits on the host."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 class RouterOutput(NamedTuple):
     expert_ids: torch.Tensor  # [T, k] int64
     gate_weights: torch.Tensor  # [T, k] float32
@@ -107,23 +119,27 @@ class Router(nn.Module):
         """x [T, H] (T = batch_size * seq) -> routing decision and statistics."""
         cfg = self.cfg
         logits = F.linear(x.float(), self.weight.float())
-        if cfg.score_func == "softmax":
-            scores = logits.softmax(dim=-1)
+        bias = self.expert_bias if cfg.expert_bias else None
+        if cfg.n_group == 1 and not cfg.force_balanced:  # one fused kernel on GPU (ops/router.py)
+            expert_ids, weights, scores = router_topk(
+                logits, cfg.top_k, cfg.score_func, bias, cfg.norm_topk_prob, cfg.routed_scaling_factor)
         else:
-            scores = logits.sigmoid()
-        select = scores + self.expert_bias if cfg.expert_bias else scores
-        if cfg.n_group > 1:
-            grouped = select.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
-            best_groups = grouped.amax(dim=-1).topk(cfg.topk_group, dim=-1).indices
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
-            select = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, cfg.num_experts)
-        expert_ids = select.topk(cfg.top_k, dim=-1).indices
-        weights = scores.gather(1, expert_ids)
-        if cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights * cfg.routed_scaling_factor
+            scores = logits.softmax(dim=-1) if cfg.score_func == "softmax" else logits.sigmoid()
+            select = scores + bias if bias is not None else scores
+            if cfg.force_balanced:
+                expert_ids = balanced_assignment(x.shape[0], cfg.top_k, cfg.num_experts, x.device)
+            else:  # group-limited: only the best topk_group groups (by their best expert) may be chosen
+                grouped = select.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
+                best_groups = grouped.amax(dim=-1).topk(cfg.topk_group, dim=-1).indices
+                keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+                select = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, cfg.num_experts)
+                expert_ids = select.topk(cfg.top_k, dim=-1).indices
+            weights = scores.gather(1, expert_ids)
+            if cfg.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights * cfg.routed_scaling_factor
 
-        load = torch.bincount(expert_ids.reshape(-1), minlength=cfg.num_experts)
+        load = expert_counts(expert_ids, cfg.num_experts)
         zero = logits.new_zeros(())
         lb_loss = self.balance_loss(scores, expert_ids, load, batch_size) if cfg.lb_loss_coef else zero
         z_loss = torch.logsumexp(logits, dim=-1).square().mean() if cfg.z_loss_coef else zero
@@ -169,8 +185,12 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor) -> torch.Tensor:
-        x_sorted, order, counts = permute(x, expert_ids, self.w_gate_up.shape[0])
-        return unpermute(self.run(x_sorted, counts), order, gate_weights)
+        with record_function("pithtrain.dispatch"):
+            x_sorted, order, counts = permute(x, expert_ids, self.w_gate_up.shape[0])
+        with record_function("pithtrain.experts"):
+            y_sorted = self.run(x_sorted, counts)
+        with record_function("pithtrain.combine"):
+            return unpermute(y_sorted, order, gate_weights)
 
     def run(self, x_sorted: torch.Tensor, counts: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
         """Rows sorted by expert, counts [experts held here] -> expert outputs in the same order. Under expert
@@ -211,13 +231,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
-        route = self.gate(flat, batch_size=batch)
+        with record_function("pithtrain.router"):
+            route = self.gate(flat, batch_size=batch)
         if self.ep is None:
             y = self.experts(flat, route.expert_ids, route.gate_weights)
         else:
             y = self.ep(flat, route.expert_ids, route.gate_weights, self.experts)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
+            with record_function("pithtrain.experts"):
+                y = y + self.shared_experts(flat)
         return y.view(batch, seq, hidden), route
 
 
@@ -249,8 +271,12 @@ def decoder_forward(model: nn.Module, x: torch.Tensor, labels: torch.Tensor | No
     aux, lb, z, load = collect_router_stats(routes, model.cfg.router, h.device)
     if model.lm_head is None:
         return CausalLMOutput(None, None, aux, lb, z, load, hidden=h)
-    logits = model.lm_head(model.norm(h))
-    loss = causal_lm_loss(logits, labels) if labels is not None else None
+    with record_function("pithtrain.loss"):
+        if labels is not None and not return_logits:  # chunked: the [tokens, vocab] logits never exist at once
+            logits, loss = None, linear_cross_entropy(model.norm(h), model.lm_head.weight, labels)
+        else:
+            logits = model.lm_head(model.norm(h))
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
     return CausalLMOutput(logits if return_logits else None, loss, aux, lb, z, load)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from pithtrain.models import blocks
 from pithtrain.models.blocks import MoE, RMSNorm, RouterConfig, SwiGLUMLP
@@ -213,12 +214,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """-> (hidden, RouterOutput or None); only tensors out, so checkpointing can recompute it."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        with record_function("pithtrain.attention"):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, route = self.mlp(h)
             return x + y, route
-        return x + self.mlp(h), None
+        with record_function("pithtrain.mlp"):
+            return x + self.mlp(h), None
 
 
 class DeepseekV2(nn.Module):

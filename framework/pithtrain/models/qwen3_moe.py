@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from pithtrain.models.blocks import (
     CausalLMOutput,
@@ -134,12 +135,14 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        with record_function("pithtrain.attention"):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             y, route = self.mlp(h)
             return x + y, route
-        return x + self.mlp(h), None
+        with record_function("pithtrain.mlp"):
+            return x + self.mlp(h), None
 
 
 class Qwen3Moe(nn.Module):

@@ -19,6 +19,7 @@ import threading
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -102,6 +103,28 @@ class ExpertParallel:
 
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor, experts):
         """x [T, H], expert_ids / gate_weights [T, k] -> [T, H] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])."""
+        with record_function("pithtrain.dispatch"):
+            x_recv, meta_recv, token, send, recv = self.dispatch(x, expert_ids, gate_weights)
+        top_k = expert_ids.shape[1]
+        with record_function("pithtrain.experts"):
+            ids, weights = meta_recv[:, :top_k].long(), meta_recv[:, top_k:]
+            row, slot = (ids >= 0).nonzero(as_tuple=True)  # (received row, slot) pairs for local experts
+            local_ids = ids[row, slot]
+            order = torch.argsort(local_ids, stable=True)
+            row, slot = row[order], slot[order]
+            counts = torch.bincount(local_ids, minlength=self.local)
+            y = experts.run(x_recv[row], counts, grad_scale=1.0 / self.size)
+        with record_function("pithtrain.combine"):
+            y = y * weights[row, slot].to(y.dtype).unsqueeze(1)
+            y_rows = y.new_zeros(x_recv.shape[0], y.shape[1]).index_add_(0, row, y)
+            y_rows = sync_point(y_rows)
+            (y_back,) = _AllToAll.apply(self.group, recv, send, y_rows)
+            y_back = sync_point(y_back, last=True)
+            return y_back.new_zeros(expert_ids.shape[0], y_back.shape[1]).index_add_(0, token, y_back)
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor):
+        """Send each token once to every rank holding one of its experts, with its local expert ids and gate
+        weights. The split sizes must be known on the host (all_to_all_single takes lists): the one sync here."""
         tokens, top_k = expert_ids.shape
         if torch.is_autocast_enabled(x.device.type):  # send what the expert GEMMs would cast to anyway
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -117,19 +140,4 @@ class ExpertParallel:
         dist.all_to_all_single(recv, send, group=self.group)  # counts first, so buffers can be sized
         send, recv = send.tolist(), recv.tolist()
         x_recv, meta_recv = _AllToAll.apply(self.group, send, recv, x[token], meta)
-        x_recv = sync_point(x_recv)
-
-        ids, weights = meta_recv[:, :top_k].long(), meta_recv[:, top_k:]
-        row, slot = (ids >= 0).nonzero(as_tuple=True)  # (received row, slot) pairs for local experts
-        local_ids = ids[row, slot]
-        order = torch.argsort(local_ids, stable=True)
-        row, slot = row[order], slot[order]
-        counts = torch.bincount(local_ids, minlength=self.local)
-        y = experts.run(x_recv[row], counts, grad_scale=1.0 / self.size)
-        y = y * weights[row, slot].to(y.dtype).unsqueeze(1)
-        y_rows = y.new_zeros(x_recv.shape[0], y.shape[1]).index_add_(0, row, y)
-
-        y_rows = sync_point(y_rows)
-        (y_back,) = _AllToAll.apply(self.group, recv, send, y_rows)
-        y_back = sync_point(y_back, last=True)
-        return y_back.new_zeros(tokens, y_back.shape[1]).index_add_(0, token, y_back)
+        return sync_point(x_recv), meta_recv, token, send, recv

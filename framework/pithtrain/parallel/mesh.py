@@ -127,18 +127,15 @@ class Parallel:
         return stats
 
     @torch.no_grad()
-    def clip_grad_norm(self, params: list, max_norm: float) -> torch.Tensor:
-        """Global gradient norm over every rank's shards, clipped to max_norm like clip_grad_norm_. Squares are
-        summed in float64, so the norm does not depend on how the gradients are sharded (fp32 sums over large
-        tensors drift by ~1e-5). Each shard lives on dp_replicate ranks, hence the division."""
+    def grad_norm(self, params: list) -> torch.Tensor:
+        """Global gradient norm over every rank's shards. Squares are summed in float64, so the norm does not
+        depend on how the gradients are sharded (fp32 sums over large tensors drift by ~1e-5). Each shard lives
+        on dp_replicate ranks, hence the division."""
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
         square = torch.zeros((), dtype=torch.float64, device=self.device)
         if grads:
             square = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum().to(self.device)
-        total = (self.all_reduce(square) / self.p.dp_replicate).sqrt().float()
-        if grads:
-            torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0).to(grads[0].device))
-        return total
+        return (self.all_reduce(square) / self.p.dp_replicate).sqrt().float()
 
     def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
         if self.distributed:

@@ -94,7 +94,7 @@ def breakdown(prof, on_gpu: bool) -> dict:
         for k in getattr(e, "kernels", []) if on_gpu else []:
             kernels[k.name] += k.duration / 1e3
     result = {r: round(ms.get(r, 0.0), 3) for r in (*REGIONS, "other")}
-    result["total"] = round(sum(ms.values()), 3)
+    result["total"] = round(sum(result.values()), 3)  # the sum of the rows as printed
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
     return {"regions_ms": result, "top_kernels_ms": [[name[:120], round(t, 3)] for name, t in top]}
 

@@ -27,7 +27,7 @@ def test_benchmark_cli_reports_throughput_and_breakdown(tmp_path):
     b = res["breakdown_ms"]
     for region in ("attention", "router", "dispatch", "experts", "combine", "mlp", "loss", "optimizer"):
         assert b[region] > 0, region  # every region of the tiny DeepSeek (one dense layer, then MoE) is seen
-    assert math.isclose(sum(v for k, v in b.items() if k != "total"), b["total"], rel_tol=1e-6)
+    assert math.isclose(sum(v for k, v in b.items() if k != "total"), b["total"], abs_tol=2e-3)  # 3 decimals
     assert b["other"] < 0.5 * b["total"]  # backward ops are traced back to their forward regions
 
 

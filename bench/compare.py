@@ -1,7 +1,8 @@
 """The CI regression gate: compare a run's per-task medians with a committed baseline.
 
   python -m bench.compare --baseline bench/results/<baseline.json | RUN_DIR> RUN_DIR... [--threshold METRIC=FRAC ...]
-  python -m bench.compare --write-baseline RUN_DIR OUT.json
+                          [--tasks ID|CATEGORY ...]
+  python -m bench.compare --write-baseline OUT.json RUN_DIR...
 
 For each (task, framework, agent) of the baseline:
   - deterministic agents (oracle, null, replay): the count metrics (turns, tool calls, tokens, per-turn
@@ -12,10 +13,12 @@ For each (task, framework, agent) of the baseline:
     cost and time, lower is worse for reward and pass_rate. FRAC defaults to 0.10; --threshold
     METRIC=FRAC sets one metric, --threshold all=FRAC every metric.
   - a baseline entry missing from the run (or with only infrastructure-failed trials) is a failure;
-    entries the baseline lacks are listed as new and do not fail.
+    entries the baseline lacks are listed as new and do not fail. --tasks limits the gate (baseline and
+    run alike) to the named tasks or categories, for a run of part of the suite.
 Exit status: 0 nothing regressed, 1 something did, 2 bad input (no records, unreadable baseline, bad option).
 
-Baseline file (JSON, written by --write-baseline; commit it under bench/results/):
+Baseline file (JSON, written by --write-baseline from one or more run folders, e.g. one per agent;
+commit it under bench/results/):
   {"format": "ate-bench-baseline/1", "created_at": <unix time>, "source": [<run folder>...],
    "run_ids": [...],
    "entries": [{"task": "qa/q1-...", "framework": "pithtrain", "agent": "oracle", "n": 3,
@@ -93,14 +96,38 @@ def load_summary(path: Path) -> Summary:
         raise HarnessError(f"baseline {path}: malformed entry ({e})") from None
 
 
-def write_baseline(run_dir: Path, out: Path) -> int:
-    df = load_records([run_dir])
-    if df.empty:
-        raise HarnessError(f"{run_dir}: no trial records (expected {run_dir}/trials/*.json)")
+def write_baseline(out: Path, run_dirs: list[Path]) -> int:
+    for run_dir in run_dirs:
+        if load_records([run_dir]).empty:
+            raise HarnessError(f"{run_dir}: no trial records (expected {run_dir}/trials/*.json)")
+    df = load_records(run_dirs)
     entries = [dict(zip(KEYS, k)) | v for k, v in summarize(df).items()]
-    atomic_write_json(out, {"format": FORMAT, "created_at": time.time(), "source": [str(run_dir)],
+    atomic_write_json(out, {"format": FORMAT, "created_at": time.time(), "source": [str(d) for d in run_dirs],
                             "run_ids": sorted(set(df.run_id.astype(str))), "entries": entries})
     return len(entries)
+
+
+def only_tasks(summary: Summary, selectors: list[str]) -> Summary:
+    """The entries of `summary` whose task is named by a selector: `category/id`, `id` or `category`."""
+    def named(task: str) -> bool:
+        category, _, tid = task.partition("/")
+        return bool({task, category, tid} & set(selectors))
+
+    return {k: v for k, v in summary.items() if named(k[0])}
+
+
+def gate(baseline: Path, run_dirs: list[Path], tasks: list[str] | None = None,
+         thresholds: dict[str, float] | None = None, agents: list[str] | None = None) -> list[dict]:
+    """compare() of run folders against a baseline file or folder, optionally limited to some tasks (and,
+    for callers gating one agent's trials, to some agents)."""
+    base, cur = load_summary(baseline), summarize(load_records(run_dirs))
+    if agents:
+        base = {k: v for k, v in base.items() if k[2] in agents}
+    if tasks:
+        base, cur = only_tasks(base, tasks), only_tasks(cur, tasks)
+        if not base:
+            raise HarnessError(f"--tasks {' '.join(tasks)}: the baseline has no entry for them")
+    return compare(base, cur, thresholds or parse_thresholds([]))
 
 
 def parse_thresholds(items: list[str]) -> dict[str, float]:
@@ -194,30 +221,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, help="baseline JSON (see above) or a baseline run folder")
     ap.add_argument("--threshold", action="append", default=[], metavar="METRIC=FRAC",
                     help=f"relative tolerance for live agents (default {DEFAULT_THRESHOLD}); repeatable")
-    ap.add_argument("--write-baseline", nargs=2, type=Path, metavar=("RUN_DIR", "OUT"),
-                    help="summarise RUN_DIR into baseline file OUT and exit")
+    ap.add_argument("--tasks", nargs="+", metavar="ID|CATEGORY",
+                    help="gate only these tasks or categories (baseline and run alike)")
+    ap.add_argument("--write-baseline", type=Path, metavar="OUT",
+                    help="summarise the RUN_DIRs (one per agent, say) into baseline file OUT and exit")
     args = ap.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)  # CI logs: wide, never squeezed
     try:
         if args.write_baseline:
-            if args.baseline or args.run_dirs:
-                raise HarnessError("--write-baseline takes no --baseline or other RUN_DIR")
-            n = write_baseline(*args.write_baseline)
-            print(f"wrote {args.write_baseline[1]}: {n} task x framework x agent entries")
+            if args.baseline or args.tasks or not args.run_dirs:
+                raise HarnessError("--write-baseline OUT takes RUN_DIR(s) and no --baseline or --tasks")
+            n = write_baseline(args.write_baseline, args.run_dirs)
+            print(f"wrote {args.write_baseline}: {n} task x framework x agent entries")
             return 0
         if not args.baseline or not args.run_dirs:
             raise HarnessError("need --baseline FILE_OR_DIR and at least one RUN_DIR (or --write-baseline)")
         thresholds = parse_thresholds(args.threshold)
         if not args.baseline.exists():
             raise HarnessError(f"baseline {args.baseline}: no such file or folder")
-        base = load_summary(args.baseline)
-        df = load_records(args.run_dirs)
-        if df.empty:
+        if load_records(args.run_dirs).empty:
             raise HarnessError(f"no trial records in {', '.join(map(str, args.run_dirs))} (expected RUN_DIR/trials/*.json)")
+        rows = gate(args.baseline, args.run_dirs, args.tasks, thresholds)
     except HarnessError as e:
         print(f"bench.compare: {e}", file=sys.stderr)
         return 2
-    rows = compare(base, summarize(df), thresholds)
     print_table(rows, console)
     bad = failed(rows)
     console.print(f"{len(rows)} comparisons, {len(bad)} failed" + (": REGRESSION" if bad else ": ok"),

@@ -23,6 +23,7 @@ from rich.table import Table
 from bench.harness.agents import AGENT_NAMES
 from bench.harness.core import HarnessError, discover_tasks
 from bench.harness.gpus import GpuPool
+from bench.harness.judge import Judge
 from bench.harness.results import RunStore
 from bench.harness.trial import FRAMEWORKS, TrialPlan, make_backend, run_trial
 
@@ -50,7 +51,13 @@ def parse_args(argv):
                    help="GPUs to hand out: 'auto' (all visible), 'none', or a comma list of indices/UUIDs")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/bench/<time>-<agent>-<framework>)")
     p.add_argument("--resume", action="store_true", help="skip trials already recorded in --out")
+    p.add_argument("--judge-model", default=None, metavar="MODEL",
+                   help="optional LLM judge of feature-task diffs against tests/rubric.md (subscores, not reward)")
+    p.add_argument("--judge-url", default=None, metavar="URL",
+                   help="OpenAI-compatible API base URL for the judge (key: $ATE_JUDGE_API_KEY)")
     args = p.parse_args(argv)
+    if bool(args.judge_model) != bool(args.judge_url):
+        p.error("--judge-model and --judge-url go together")
     if args.trials < 1 or args.jobs < 1:
         p.error("--trials and --jobs must be >= 1")
     if args.resume and args.out is None:
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         console.print(f"error: {e}", markup=False)
         return 2
-    runnable = [t for t in tasks if t.gpus <= len(gpu_pool)]
+    runnable = [t for t in tasks if t.gpus <= len(gpu_pool)]  # gpus_optional tasks run on CPU without one
     for t in tasks:
         if t not in runnable:
             console.print(f"skip {t.name}: needs {t.gpus} GPU(s), {len(gpu_pool)} available", markup=False)
@@ -93,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     store = RunStore(out)
     store.write_run_meta(argv=sys.argv if argv is None else ["bench.run", *argv], agent=args.agent,
                          framework=args.framework, sandbox=backend.kind)
+    judge = Judge(args.judge_model, args.judge_url, os.environ.get("ATE_JUDGE_API_KEY", "")) if args.judge_model else None
     done = store.finished_trial_ids(retry_failure_modes=("infra_error",)) if args.resume else set()
     plans = [
         TrialPlan(task=t, framework=args.framework, agent=args.agent, attempt=i, model=args.model,
-                  upstream=args.upstream, script=args.script, run_id=store.run_id)
+                  upstream=args.upstream, script=args.script, run_id=store.run_id, judge=judge)
         for t in runnable for i in range(1, args.trials + 1)
     ]
     todo = [p for p in plans if p.trial_id not in done]

@@ -118,7 +118,7 @@ def test_report_and_regression_gate(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(str(out))
     assert records(tmp_path / "replay")["operate/getting-started"]["passed"]
-    gate = bench("bench.compare", "--baseline", str(BASELINE), *runs)
+    gate = bench("bench.compare", "--baseline", str(BASELINE), *runs, "--tasks", *sorted(SEED_TASKS))
     assert gate.returncode == 0, gate.stdout[-4000:] + gate.stderr[-2000:]
     report = bench("bench.report", *runs, "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
@@ -129,4 +129,5 @@ def test_report_and_regression_gate(tmp_path):
     rec = json.loads(rec_path.read_text())
     rec["output_tokens"] += 1
     rec_path.write_text(json.dumps(rec))
-    assert bench("bench.compare", "--baseline", str(BASELINE), *runs).returncode == 1
+    regressed = bench("bench.compare", "--baseline", str(BASELINE), *runs, "--tasks", *sorted(SEED_TASKS))
+    assert regressed.returncode == 1 and "REGRESSED" in regressed.stdout and "MISSING" not in regressed.stdout

@@ -267,7 +267,7 @@ def test_compare_identical_runs_pass(tmp_path, capsys):
     assert "output_tokens" in out and "REGRESSED" not in out and "session_duration_s" not in out
     # the same through a written baseline file
     bfile = tmp_path / "baseline.json"
-    assert compare.main(["--write-baseline", str(base), str(bfile)]) == 0
+    assert compare.main(["--write-baseline", str(bfile), str(base)]) == 0
     data = json.loads(bfile.read_text())
     assert data["format"] == compare.FORMAT and len(data["entries"]) == 2
     assert data["entries"][0]["metrics"]["output_tokens"] == {"median": 500, "min": 500, "max": 500}
@@ -291,6 +291,11 @@ def test_compare_missing_task_fails_new_task_does_not(tmp_path, capsys):
     more = det_run(tmp_path / "more", tasks=("qa/q1-mesh", "qa/q2-config", "qa/q3-new"))
     assert compare.main(["--baseline", str(base), str(more)]) == 0
     assert "new" in capsys.readouterr().out
+    # --tasks gates part of the suite: the part the run holds passes, a task the baseline lacks is bad input
+    part = str(det_run(tmp_path / "part2", tasks=("qa/q1-mesh",)))
+    assert compare.main(["--baseline", str(base), part, "--tasks", "q1-mesh"]) == 0
+    assert compare.main(["--baseline", str(base), part, "--tasks", "qa"]) == 1
+    assert compare.main(["--baseline", str(base), part, "--tasks", "operate"]) == 2
 
 
 def test_compare_live_agent_spread_and_threshold(tmp_path):
@@ -318,7 +323,7 @@ def test_compare_bad_input_exits_2(tmp_path, capsys):
     assert compare.main(["--baseline", str(tmp_path / "bad.json"), str(base)]) == 2
     assert compare.main(["--baseline", str(base), str(base), "--threshold", "nope=1"]) == 2
     assert compare.main(["--baseline", str(base), str(base), "--threshold", "output_tokens=x"]) == 2
-    assert compare.main(["--write-baseline", str(tmp_path / "empty"), str(tmp_path / "b.json")]) == 2
+    assert compare.main(["--write-baseline", str(tmp_path / "b.json"), str(tmp_path / "empty")]) == 2
     assert not (tmp_path / "b.json").exists()
     err = capsys.readouterr().err
     assert all(line.startswith("bench.compare: ") for line in err.strip().splitlines())

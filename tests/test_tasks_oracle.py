@@ -1,5 +1,6 @@
 """Tasks are sound: every task folder loads, every Q&A key resolves against today's framework, and on
-each CPU task the oracle scores 1 and the null agent 0 (in a LocalSandbox on the adapter's workspace).
+each CPU task the oracle scores 1 and the null agent 0, run as bench.run runs a trial (local sandbox), with
+counts equal to the committed baseline of the deterministic agents (the CI regression gate, task by task).
 Also: the Q&A grader's strictness, the read-only Q&A workspace, and verifiers that are not fooled."""
 
 from __future__ import annotations
@@ -12,17 +13,22 @@ from pathlib import Path
 import pytest
 
 from adapters import pithtrain
+from bench import compare
 from bench.harness import qa_keys
 from bench.harness.agents.null import NullAgent
 from bench.harness.agents.oracle import OracleAgent
 from bench.harness.core import AgentContext, AgentResult, discover_tasks
+from bench.harness.gpus import GpuPool
+from bench.harness.results import RunStore
 from bench.harness.sandbox_local import LocalSandbox
+from bench.harness.trial import LocalBackend, TrialPlan, run_trial
 from bench.harness.verifier import run_verifier
 
 TASKS = discover_tasks()
 CPU_TASKS = [t for t in TASKS if t.gpus == 0 and "pithtrain" in t.frameworks]
 BY_NAME = {t.name: t for t in TASKS}
 ROPE = "qa/rope-implementation"
+BASELINE = Path(__file__).resolve().parents[1] / "bench/results/baseline-deterministic.json"
 
 
 @pytest.fixture(scope="module")
@@ -66,21 +72,43 @@ def test_qa_key_resolves(task, workspace):
         assert qa_keys.check_key_resolves(task.tests_dir / "keys" / f"{fw}.toml", workspace) == []
 
 
+def bench_trial(task, agent: str, tmp_path: Path) -> dict:
+    """One trial exactly as `bench.run --sandbox local` runs it; -> its record as written to trials/."""
+    store = RunStore(tmp_path / "run")
+    store.write_run_meta(run_id="ci", agent=agent, framework="pithtrain", sandbox="local")
+    plan = TrialPlan(task=task, framework="pithtrain", agent=agent, attempt=1, model=None, upstream=None,
+                     script=None, run_id="ci")
+    run_trial(plan, LocalBackend(), GpuPool([]), store)
+    return json.loads(store.trial_path(plan.trial_id).read_text())
+
+
+def assert_matches_baseline(task, agent: str, tmp_path: Path) -> None:
+    """The CI regression gate over the whole suite: this trial's counts equal the committed baseline's."""
+    rows = compare.gate(BASELINE, [tmp_path / "run"], tasks=[task.name], agents=[agent])
+    assert rows and not compare.failed(rows), [r for r in rows if r["status"] != "ok"]
+
+
 @pytest.mark.parametrize("task", CPU_TASKS, ids=lambda t: t.name)
-def test_oracle_scores_one(task, workspace, tmp_path):
-    result, reward, sub, err = trial(task, OracleAgent(), workspace, tmp_path)
-    assert result.exit_code == 0 and not result.error, result.error
-    assert (err, reward) == ("", 1.0), (err, sub)
+def test_oracle_scores_one(task, tmp_path):
+    rec = bench_trial(task, "oracle", tmp_path)
+    assert (rec["failure_mode"], rec["error"], rec["reward"], rec["passed"]) == ("none", "", 1.0, True), rec
+    assert_matches_baseline(task, "oracle", tmp_path)
+
+
+@pytest.mark.parametrize("task", CPU_TASKS, ids=lambda t: t.name)
+def test_null_scores_zero(task, tmp_path):
+    rec = bench_trial(task, "null", tmp_path)
+    assert (rec["failure_mode"], rec["reward"], rec["tool_calls"]) == ("none", 0.0, 0), rec
+    assert_matches_baseline(task, "null", tmp_path)
+
+
+def test_agent_events_are_well_formed(workspace, tmp_path):
+    result, reward, _, _ = trial(BY_NAME[ROPE], OracleAgent(), workspace, tmp_path)
     kinds = [e.kind for e in result.events]
-    assert kinds[0] == "agent_start" and kinds[-1] == "agent_end"
+    assert reward == 1.0 and kinds[0] == "agent_start" and kinds[-1] == "agent_end"
     assert result.tool_calls == kinds.count("tool_start") == kinds.count("tool_end")
-
-
-@pytest.mark.parametrize("task", CPU_TASKS, ids=lambda t: t.name)
-def test_null_scores_zero(task, workspace, tmp_path):
-    result, reward, sub, err = trial(task, NullAgent(), workspace, tmp_path)
+    result, _, _, _ = trial(BY_NAME[ROPE], NullAgent(), workspace, tmp_path)
     assert [e.kind for e in result.events] == ["agent_start", "agent_end"] and result.final_message == ""
-    assert (err, reward) == ("", 0.0), (err, sub)
 
 
 def test_oracle_serves_noskills_variant(workspace, tmp_path):

@@ -40,7 +40,8 @@ class Task:
     verifier_timeout_s: float = 600.0
     cpus: float = 2.0
     memory_gb: float = 8.0
-    gpus: int = 0
+    gpus: int = 0  # GPUs the task needs: a run with fewer skips it
+    gpus_optional: int = 0  # GPUs it uses when the run has them (its instruction says what changes), else CPU
     read_only: bool = False
     network: bool = False
 
@@ -65,6 +66,10 @@ class Task:
     def tests_dir(self) -> Path:
         return self.path / "tests"
 
+    def gpus_for(self, available: int) -> int:
+        """How many GPUs a trial of this task gets in a run with `available` of them."""
+        return self.gpus or min(self.gpus_optional, available)
+
 
 def load_task(path: Path) -> Task:
     toml = path / "task.toml"
@@ -85,7 +90,11 @@ def load_task(path: Path) -> Task:
         raise HarnessError(f"{toml}: category must be qa, operate or feature, got {raw['category']!r}")
     if not (path / "instruction.md").is_file() or not (path / "tests").is_dir():
         raise HarnessError(f"{path}: a task needs instruction.md and tests/")
+    for key in ("gpus", "gpus_optional"):
+        if not isinstance(raw.get(key, 0), int) or raw.get(key, 0) < 0:
+            raise HarnessError(f"{toml}: {key} must be a non-negative integer, got {raw[key]!r}")
     return Task(path=path, **raw)
+
 
 
 def discover_tasks(selectors: list[str] | None = None, framework: str | None = None) -> list[Task]:

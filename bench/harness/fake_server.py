@@ -29,7 +29,7 @@ field Codex 0.169 reads into its cache_write_input_tokens), output_tokens incl. 
 A turn without `usage` gets input = request bytes // 4, output = 10.
 
 Requests that are not main-agent calls (proxy.call_purpose: no tools offered, count_tokens, another model
-than `main_model` when one is set, or a context compaction) get a short text answer (for a compaction, the
+than `main_model` when one is set, or a context compaction) get a short text answer (`side_text`; for a compaction, the
 <analysis>/<summary> text Claude Code expects), never consume a turn, and are logged with main_agent false. Every request is logged (time, api, path, model, stream, main_agent, turn, usage it
 returned in the fields above, or None when nothing is billed, tool_calls) to memory, to `log_path` as JSONL,
 and at GET /_log.
@@ -109,8 +109,9 @@ class FakeServer:
 
     def __init__(self, script: list | str | Path, *, port: int = 0, host: str = "127.0.0.1",
                  log_path: str | Path | None = None, main_model: str | None = None, model: str = "fake-model",
-                 dump_requests: bool = False) -> None:
+                 dump_requests: bool = False, side_text: str = "Fake session") -> None:
         self.turns = load_script(script)
+        self.side_text = side_text  # the answer to side calls (no tools offered): a title, or a judge's verdict
         self.main_model, self.model, self.dump_requests = main_model, model, dump_requests
         self.log: list[dict] = []
         self.log_path = Path(log_path) if log_path else None
@@ -367,7 +368,7 @@ def _make_handler(server: FakeServer) -> type[BaseHTTPRequestHandler]:
             main = purpose == "main"
             i, turn, n = server.take(main)
             if not main:
-                turn = {"bash": None, "text": COMPACT_TEXT if purpose == "compact" else "Fake session"}
+                turn = {"bash": None, "text": COMPACT_TEXT if purpose == "compact" else server.side_text}
             usage = _usage(turn, len(raw), main)
             try:
                 events, full, calls = REPLIES[kind](body, turn, usage, n, model or server.model)
@@ -404,9 +405,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log")
     ap.add_argument("--main-model", help="only requests for this model are main-agent calls")
     ap.add_argument("--dump-requests", action="store_true", help="also log each request body")
+    ap.add_argument("--side-text", default="Fake session", help="answer to side calls (requests offering no tools)")
     a = ap.parse_args(argv)
     fs = FakeServer(a.script, port=a.port, host=a.host, log_path=a.log, main_model=a.main_model,
-                    dump_requests=a.dump_requests)
+                    dump_requests=a.dump_requests, side_text=a.side_text)
     print(f"fake model server on {fs.url} ({len(fs.turns)} turns)", file=sys.stderr, flush=True)
     try:
         fs._httpd.serve_forever()

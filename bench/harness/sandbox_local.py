@@ -121,7 +121,7 @@ class LocalSandbox:
     """core.Sandbox on the host. `workspace_src` (a folder, or None for an empty one) is copied into a temp
     folder; `workspace` and `host_workspace` are that copy. `memory_gb` sets RLIMIT_AS, which breaks CUDA
     (it reserves huge virtual ranges), so it is not applied when `gpus` is given; `gpus` (indices or UUIDs)
-    become CUDA_VISIBLE_DEVICES. `max_procs` is RLIMIT_NPROC for agent commands (per user: all live
+    become CUDA_VISIBLE_DEVICES (none given: an empty value, so the trial sees no GPU). `max_procs` is RLIMIT_NPROC for agent commands (per user: all live
     local trials share the `ate` user, so it bounds them together). `cpus` is advisory: it sets
     OMP_NUM_THREADS. Paths under core.WORKSPACE given to exec/copy_in map to the copy."""
 
@@ -195,8 +195,7 @@ class LocalSandbox:
         }
         if as_agent and self._ids:
             env["USER"] = env["LOGNAME"] = pwd.getpwuid(self._ids[0]).pw_name
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)  # none given: none visible, as in a container
         if self.cpus:
             env["OMP_NUM_THREADS"] = str(max(1, int(self.cpus)))
         if as_agent:

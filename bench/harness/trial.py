@@ -20,6 +20,7 @@ from bench.harness import metrics
 from bench.harness.agents import get_agent
 from bench.harness.core import AgentContext, HarnessError, Task, TrialRecord
 from bench.harness.gpus import GpuPool
+from bench.harness.judge import Judge, workspace_diff
 from bench.harness.meter import METER_DIR, GpuSampler, meter_intervals
 from bench.harness.verifier import run_verifier
 
@@ -36,6 +37,7 @@ class TrialPlan:
     upstream: str | None
     script: Path | None
     run_id: str
+    judge: Judge | None = None  # optional LLM judge of feature diffs (judge.py); never changes the reward
 
     @property
     def trial_id(self) -> str:
@@ -116,7 +118,7 @@ def run_trial(plan: TrialPlan, backend, gpu_pool: GpuPool, store) -> TrialRecord
     try:
         adapter = adapters.get(plan.framework)
         record.versions = {"framework": adapter.version()}
-        my_gpus = gpu_pool.acquire(task.gpus)
+        my_gpus = gpu_pool.acquire(task.gpus_for(len(gpu_pool)))
         agent = get_agent(plan.agent)
         with tempfile.TemporaryDirectory(prefix="ate-ws-") as tmp:
             created = time.time()
@@ -173,6 +175,9 @@ def run_trial(plan: TrialPlan, backend, gpu_pool: GpuPool, store) -> TrialRecord
             if verr and record.failure_mode == "none":
                 record.failure_mode, record.error = "verifier_error", verr
             record.passed = reward >= 1.0
+            rubric = task.tests_dir / "rubric.md"
+            if plan.judge is not None and rubric.is_file():
+                record.subscores.update(plan.judge.judge(rubric.read_text(), workspace_diff(sandbox)))
             record.harness_overhead_s = round(max(0.0, time.time() - created - agent_s - verifier_s), 3)
     except Exception as e:
         record.failure_mode = "infra_error"

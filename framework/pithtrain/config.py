@@ -58,6 +58,8 @@ class CheckpointConfig:
     enabled: bool = True  # false: never save (benchmarks); resume still reads an existing checkpoint
     every: int = 0  # save every N steps (0: only at the end)
     keep: int = 2  # keep the newest N checkpoints
+    weights_only: bool = False  # save model weights only (no AdamW state: a third of the size); for export,
+    #   evaluation and init_from, not for resuming
     resume: bool = True  # resume from the newest complete checkpoint in run_dir
     init_from: str = ""  # weights to start from when not resuming (e.g. `pithtrain.convert import` output)
 

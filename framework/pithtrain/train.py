@@ -264,6 +264,11 @@ def _train(cfg: Config, par: Parallel) -> dict:
     init_from = cfg.checkpoint.init_from
     if init_from and not (Path(init_from) / ".metadata").is_file():
         raise ConfigError(f"checkpoint.init_from: no DCP checkpoint at {init_from}")
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    if latest is not None and ckpt.is_weights_only(latest):
+        raise ConfigError(f"checkpoint.resume: {latest} holds model weights only (checkpoint.weights_only), not "
+                          f"the optimizer and data state a resume needs; start a new run_dir with "
+                          f"checkpoint.init_from={latest}, or set checkpoint.resume=false")
 
     model, moe_ids, n_params = build_model(cfg, par)
     optimizer = build_optimizer(model, cfg.optim)
@@ -277,7 +282,6 @@ def _train(cfg: Config, par: Parallel) -> dict:
         write_json_atomic(run_dir / "config.json", to_dict(cfg))
     metrics_path = run_dir / "metrics.jsonl"
     start_step = 0
-    latest = ckpt.latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if latest is not None:
         start_step, data_state = ckpt.load_checkpoint(latest, model, optimizer, scheduler, loader.state_dict())
         loader.load_state_dict(data_state)
@@ -366,7 +370,7 @@ def _train(cfg: Config, par: Parallel) -> dict:
             due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.steps
             if cfg.checkpoint.enabled and due:
                 ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, loader.state_dict(),
-                                     keep=cfg.checkpoint.keep)
+                                     keep=cfg.checkpoint.keep, weights_only=cfg.checkpoint.weights_only)
 
     elapsed = time.perf_counter() - train_start
     val_loss = evaluate(model, shards, cfg, device, amp_dtype, par)

@@ -4,11 +4,13 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import CONFIGS, run_module
 
 from pithtrain import checkpoint as ckpt
-from pithtrain.config import OptimConfig, load_config
-from pithtrain.train import lr_factor, train
+from pithtrain.config import ConfigError, OptimConfig, load_config
+from pithtrain.parallel.mesh import Parallel
+from pithtrain.train import build_model, lr_factor, train
 
 
 def read_metrics(run_dir):
@@ -57,6 +59,26 @@ def test_resume_is_bit_exact(tmp_path):
     a = [{k: r[k] for k in fields} for r in read_metrics(full)]
     b = [{k: r[k] for k in fields} for r in read_metrics(split)]
     assert a == b
+
+
+def test_weights_only_checkpoint_feeds_init_from_but_not_resume(tmp_path):
+    def size(path):
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    train(tiny(tmp_path / "full", **{"train.steps": 2}))
+    full = ckpt.latest_checkpoint(tmp_path / "full")
+    run = tmp_path / "weights"
+    train(tiny(run, **{"train.steps": 2, "checkpoint.weights_only": True}))
+    light = ckpt.latest_checkpoint(run)
+    assert ckpt.is_weights_only(light) and not ckpt.is_weights_only(full)
+    assert size(light) < 0.45 * size(full)  # AdamW's two moments are two thirds of the full state
+    cfg = tiny(run)
+    model, _, _ = build_model(cfg, Parallel(cfg, torch.device("cpu")))
+    ckpt.load_model_weights(light, model)  # what export, evaluation and init_from read
+    with pytest.raises(ConfigError, match="checkpoint.resume: .* holds model weights only"):
+        train(tiny(run, **{"train.steps": 4}))
+    summary = train(tiny(tmp_path / "next", **{"train.steps": 1, "checkpoint.init_from": str(light)}))
+    assert math.isfinite(summary["last_loss"])
 
 
 def test_crashed_save_is_never_resumed(tmp_path, monkeypatch):

@@ -8,4 +8,12 @@ def get(framework: str):
         from adapters import pithtrain
 
         return pithtrain
+    if framework == "torchtitan":
+        from adapters import torchtitan
+
+        return torchtitan
+    if framework == "megatron":
+        from adapters import megatron
+
+        return megatron
     raise ValueError(f"no adapter for framework {framework!r}")

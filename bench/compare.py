@@ -1,7 +1,7 @@
 """The CI regression gate: compare a run's per-task medians with a committed baseline.
 
   python -m bench.compare --baseline bench/results/<baseline.json | RUN_DIR> RUN_DIR... [--threshold METRIC=FRAC ...]
-                          [--tasks ID|CATEGORY ...]
+                          [--tasks ID|CATEGORY ...] [--frameworks NAME ...] [--agents NAME ...]
   python -m bench.compare --write-baseline OUT.json RUN_DIR...
 
 For each (task, framework, agent) of the baseline:
@@ -14,7 +14,8 @@ For each (task, framework, agent) of the baseline:
     METRIC=FRAC sets one metric, --threshold all=FRAC every metric.
   - a baseline entry missing from the run (or with only infrastructure-failed trials) is a failure;
     entries the baseline lacks are listed as new and do not fail. --tasks limits the gate (baseline and
-    run alike) to the named tasks or categories, for a run of part of the suite.
+    run alike) to the named tasks or categories, --frameworks and --agents the baseline to the named
+    frameworks and agents, for a run of part of the suite.
 Exit status: 0 nothing regressed, 1 something did, 2 bad input (no records, unreadable baseline, bad option).
 
 Baseline file (JSON, written by --write-baseline from one or more run folders, e.g. one per agent;
@@ -117,16 +118,19 @@ def only_tasks(summary: Summary, selectors: list[str]) -> Summary:
 
 
 def gate(baseline: Path, run_dirs: list[Path], tasks: list[str] | None = None,
-         thresholds: dict[str, float] | None = None, agents: list[str] | None = None) -> list[dict]:
+         thresholds: dict[str, float] | None = None, agents: list[str] | None = None,
+         frameworks: list[str] | None = None) -> list[dict]:
     """compare() of run folders against a baseline file or folder, optionally limited to some tasks (and,
-    for callers gating one agent's trials, to some agents)."""
+    for callers gating one framework's or agent's trials, to those)."""
     base, cur = load_summary(baseline), summarize(load_records(run_dirs))
     if agents:
         base = {k: v for k, v in base.items() if k[2] in agents}
+    if frameworks:
+        base = {k: v for k, v in base.items() if k[1] in frameworks}
     if tasks:
         base, cur = only_tasks(base, tasks), only_tasks(cur, tasks)
-        if not base:
-            raise HarnessError(f"--tasks {' '.join(tasks)}: the baseline has no entry for them")
+    if not base:
+        raise HarnessError("the baseline has no entry for the chosen tasks, frameworks and agents")
     return compare(base, cur, thresholds or parse_thresholds([]))
 
 
@@ -223,14 +227,19 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"relative tolerance for live agents (default {DEFAULT_THRESHOLD}); repeatable")
     ap.add_argument("--tasks", nargs="+", metavar="ID|CATEGORY",
                     help="gate only these tasks or categories (baseline and run alike)")
+    ap.add_argument("--frameworks", nargs="+", metavar="NAME",
+                    help="gate only the baseline entries of these frameworks (e.g. the one the run used)")
+    ap.add_argument("--agents", nargs="+", metavar="NAME",
+                    help="gate only the baseline entries of these agents (e.g. the one the run used)")
     ap.add_argument("--write-baseline", type=Path, metavar="OUT",
                     help="summarise the RUN_DIRs (one per agent, say) into baseline file OUT and exit")
     args = ap.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)  # CI logs: wide, never squeezed
     try:
         if args.write_baseline:
-            if args.baseline or args.tasks or not args.run_dirs:
-                raise HarnessError("--write-baseline OUT takes RUN_DIR(s) and no --baseline or --tasks")
+            if args.baseline or args.tasks or args.frameworks or args.agents or not args.run_dirs:
+                raise HarnessError("--write-baseline OUT takes RUN_DIR(s) and no --baseline, --tasks, --frameworks "
+                                   "or --agents")
             n = write_baseline(args.write_baseline, args.run_dirs)
             print(f"wrote {args.write_baseline}: {n} task x framework x agent entries")
             return 0
@@ -241,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             raise HarnessError(f"baseline {args.baseline}: no such file or folder")
         if load_records(args.run_dirs).empty:
             raise HarnessError(f"no trial records in {', '.join(map(str, args.run_dirs))} (expected RUN_DIR/trials/*.json)")
-        rows = gate(args.baseline, args.run_dirs, args.tasks, thresholds)
+        rows = gate(args.baseline, args.run_dirs, args.tasks, thresholds, agents=args.agents,
+                    frameworks=args.frameworks)
     except HarnessError as e:
         print(f"bench.compare: {e}", file=sys.stderr)
         return 2

@@ -118,7 +118,8 @@ def test_report_and_regression_gate(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(str(out))
     assert records(tmp_path / "replay")["operate/getting-started"]["passed"]
-    gate = bench("bench.compare", "--baseline", str(BASELINE), *runs, "--tasks", *sorted(SEED_TASKS))
+    gate = bench("bench.compare", "--baseline", str(BASELINE), *runs, "--tasks", *sorted(SEED_TASKS),
+                 "--frameworks", "pithtrain")
     assert gate.returncode == 0, gate.stdout[-4000:] + gate.stderr[-2000:]
     report = bench("bench.report", *runs, "--out", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr
@@ -129,5 +130,6 @@ def test_report_and_regression_gate(tmp_path):
     rec = json.loads(rec_path.read_text())
     rec["output_tokens"] += 1
     rec_path.write_text(json.dumps(rec))
-    regressed = bench("bench.compare", "--baseline", str(BASELINE), *runs, "--tasks", *sorted(SEED_TASKS))
+    regressed = bench("bench.compare", "--baseline", str(BASELINE), *runs, "--tasks", *sorted(SEED_TASKS),
+                 "--frameworks", "pithtrain")
     assert regressed.returncode == 1 and "REGRESSED" in regressed.stdout and "MISSING" not in regressed.stdout

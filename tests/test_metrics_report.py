@@ -296,6 +296,10 @@ def test_compare_missing_task_fails_new_task_does_not(tmp_path, capsys):
     assert compare.main(["--baseline", str(base), part, "--tasks", "q1-mesh"]) == 0
     assert compare.main(["--baseline", str(base), part, "--tasks", "qa"]) == 1
     assert compare.main(["--baseline", str(base), part, "--tasks", "operate"]) == 2
+    assert compare.main(["--baseline", str(base), part, "--tasks", "q1-mesh", "--frameworks", "pithtrain"]) == 0
+    assert compare.main(["--baseline", str(base), part, "--tasks", "q1-mesh", "--frameworks", "megatron"]) == 2
+    assert compare.main(["--baseline", str(base), part, "--tasks", "q1-mesh", "--agents", "oracle"]) == 0
+    assert compare.main(["--baseline", str(base), part, "--agents", "null"]) == 2
 
 
 def test_compare_live_agent_spread_and_threshold(tmp_path):

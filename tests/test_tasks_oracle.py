@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import adapters
 from adapters import pithtrain
 from bench import compare
 from bench.harness import qa_keys
@@ -26,6 +27,7 @@ from bench.harness.verifier import run_verifier
 
 TASKS = discover_tasks()
 CPU_TASKS = [t for t in TASKS if t.gpus == 0 and "pithtrain" in t.frameworks]
+BASELINE_FRAMEWORK_TRIALS = [(t, fw) for t in TASKS if t.gpus == 0 for fw in t.frameworks if fw != "pithtrain"]
 BY_NAME = {t.name: t for t in TASKS}
 ROPE = "qa/rope-implementation"
 BASELINE = Path(__file__).resolve().parents[1] / "bench/results/baseline-deterministic.json"
@@ -34,6 +36,19 @@ BASELINE = Path(__file__).resolve().parents[1] / "bench/results/baseline-determi
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     return pithtrain.build_workspace(tmp_path_factory.mktemp("ws") / "workspace")
+
+
+@pytest.fixture(scope="module")
+def workspaces(tmp_path_factory, workspace):
+    """framework -> its baseline workspace, built on first use (TorchTitan / Megatron from pinned wheels)."""
+    built = {"pithtrain": workspace}
+
+    def get(fw: str) -> Path:
+        if fw not in built:
+            built[fw] = adapters.get(fw).build(fw, tmp_path_factory.mktemp(fw) / "workspace")
+        return built[fw]
+
+    return get
 
 
 def trial(task, agent, workspace: Path, tmp_path: Path, framework: str = "pithtrain"):
@@ -67,24 +82,24 @@ def test_every_task_loads():
 
 
 @pytest.mark.parametrize("task", [t for t in TASKS if t.category == "qa"], ids=lambda t: t.name)
-def test_qa_key_resolves(task, workspace):
+def test_qa_key_resolves(task, workspaces):
     for fw in task.frameworks:
-        assert qa_keys.check_key_resolves(task.tests_dir / "keys" / f"{fw}.toml", workspace) == []
+        assert qa_keys.check_key_resolves(task.tests_dir / "keys" / f"{fw}.toml", workspaces(fw)) == [], fw
 
 
-def bench_trial(task, agent: str, tmp_path: Path) -> dict:
+def bench_trial(task, agent: str, tmp_path: Path, framework: str = "pithtrain") -> dict:
     """One trial exactly as `bench.run --sandbox local` runs it; -> its record as written to trials/."""
     store = RunStore(tmp_path / "run")
-    store.write_run_meta(run_id="ci", agent=agent, framework="pithtrain", sandbox="local")
-    plan = TrialPlan(task=task, framework="pithtrain", agent=agent, attempt=1, model=None, upstream=None,
+    store.write_run_meta(run_id="ci", agent=agent, framework=framework, sandbox="local")
+    plan = TrialPlan(task=task, framework=framework, agent=agent, attempt=1, model=None, upstream=None,
                      script=None, run_id="ci")
     run_trial(plan, LocalBackend(), GpuPool([]), store)
     return json.loads(store.trial_path(plan.trial_id).read_text())
 
 
-def assert_matches_baseline(task, agent: str, tmp_path: Path) -> None:
+def assert_matches_baseline(task, agent: str, tmp_path: Path, framework: str = "pithtrain") -> None:
     """The CI regression gate over the whole suite: this trial's counts equal the committed baseline's."""
-    rows = compare.gate(BASELINE, [tmp_path / "run"], tasks=[task.name], agents=[agent])
+    rows = compare.gate(BASELINE, [tmp_path / "run"], tasks=[task.name], agents=[agent], frameworks=[framework])
     assert rows and not compare.failed(rows), [r for r in rows if r["status"] != "ok"]
 
 
@@ -100,6 +115,16 @@ def test_null_scores_zero(task, tmp_path):
     rec = bench_trial(task, "null", tmp_path)
     assert (rec["failure_mode"], rec["reward"], rec["tool_calls"]) == ("none", 0.0, 0), rec
     assert_matches_baseline(task, "null", tmp_path)
+
+
+@pytest.mark.parametrize("task,framework", BASELINE_FRAMEWORK_TRIALS, ids=lambda x: getattr(x, "name", x))
+def test_baseline_frameworks_oracle_one_null_zero(task, framework, tmp_path):
+    """The same tasks on TorchTitan and Megatron-LM: their oracle passes, null fails, both as the baseline says."""
+    for agent, reward in (("oracle", 1.0), ("null", 0.0)):
+        rec = bench_trial(task, agent, tmp_path / agent, framework)
+        assert (rec["failure_mode"], rec["reward"]) == ("none", reward), rec
+        assert rec["versions"]["framework"]["framework"] == framework
+        assert_matches_baseline(task, agent, tmp_path / agent, framework)
 
 
 def test_agent_events_are_well_formed(workspace, tmp_path):

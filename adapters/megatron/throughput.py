@@ -137,8 +137,9 @@ def transformer_config(cfg, args) -> tuple[object, dict, list[str]]:
         f"and its softmax scale, {m.first_k_dense_replace} dense layer(s) of ffn {m.intermediate_size}, "
         f"{m.n_shared_experts} shared experts as one ungated MLP of {m.n_shared_experts} x {m.moe_intermediate_size}, "
         f"softmax top-{r.top_k} {'with' if r.norm_topk_prob else 'without'} renormalisation",
-        "deepseek RoPE pairing: Megatron's MLA rotates halves (it rejects rotary_interleaved); PithTrain rotates "
-        "adjacent pairs as the released weights do. Same cost, different layout",
+        "deepseek RoPE pairing: Megatron's MLA gathers the even and odd dims, then rotates halves (it rejects "
+        "rotary_interleaved): adjacent pairs, as PithTrain and the released weights, with q and k dims permuted "
+        "alike, so the same attention scores",
     ]
     return MLATransformerConfig(**kw), gpt, notes
 

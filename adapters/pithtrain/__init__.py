@@ -1,20 +1,19 @@
 """PithTrain adapter: lay `framework/` out as an agent workspace, launch the standard run, read its metrics.
 
 The workspace is the framework folder as a user would clone it (package at `<ws>/pithtrain`, so
-`PYTHONPATH=<ws>` imports it), in a fresh git repository whose single baseline commit has a fixed
-author and date: the same framework files always give the same commit hash, and verifiers can diff
-against (or export) the baseline. `pithtrain-noskills` is the same workspace without `skills/`.
+`PYTHONPATH=<ws>` imports it), committed as a reproducible baseline (adapters/workspace.py). `pithtrain-noskills` is the same workspace without `skills/`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
+
+from adapters.workspace import baseline_commit, commit_baseline, empty_dir, git  # noqa: F401  (baseline_commit: adapter API)
 
 NAME = "pithtrain"
 VARIANTS = {"pithtrain": {"skills": True}, "pithtrain-noskills": {"skills": False}}
@@ -24,27 +23,12 @@ SMOKE_CONFIG = "tiny-deepseek-v2-lite"  # the tiny CPU config the getting-starte
 
 _INCLUDE = ("pithtrain", "configs", "scripts", "tests", "README.md", "AGENTS.md", "pyproject.toml")
 _EXCLUDE = ("runs", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache", "*.pyc")
-_GITIGNORE = "runs/\n__pycache__/\n*.egg-info/\n.pytest_cache/\n.ruff_cache/\n.cache/\n"
-_BASELINE_DATE = "2025-01-01T00:00:00+0000"
-_GIT_ENV = {
-    "GIT_AUTHOR_NAME": "ATE-Bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_AUTHOR_DATE": _BASELINE_DATE,
-    "GIT_COMMITTER_NAME": "ATE-Bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
-    "GIT_COMMITTER_DATE": _BASELINE_DATE,
-    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,  # no user hooks, signing or templates
-}
-
-
-def _git(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, **_GIT_ENV}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
-
-
 def version() -> dict:
     """Package version plus the commit of the repository holding `framework/` (dirty when it has local edits)."""
     out = {"framework": NAME, "version": tomllib.loads((FRAMEWORK_DIR / "pyproject.toml").read_text())["project"]["version"]}
     try:
-        out["commit"] = _git(["rev-parse", "HEAD"], REPO).strip()
-        out["dirty"] = bool(_git(["status", "--porcelain", "--", "framework"], REPO).strip())
+        out["commit"] = git(["rev-parse", "HEAD"], REPO).strip()
+        out["dirty"] = bool(git(["status", "--porcelain", "--", "framework"], REPO).strip())
     except (OSError, subprocess.CalledProcessError):
         pass
     return out
@@ -52,10 +36,7 @@ def version() -> dict:
 
 def build_workspace(dst: Path, skills: bool = True) -> Path:
     """Copy the framework into `dst` (must be absent or empty) and commit it as the reproducible baseline."""
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"workspace folder {dst} is not empty")
-    dst.mkdir(parents=True, exist_ok=True)
+    dst = empty_dir(dst)
     ignore = shutil.ignore_patterns(*_EXCLUDE)
     for name in (*_INCLUDE, *(("skills",) if skills else ())):
         src = FRAMEWORK_DIR / name
@@ -71,11 +52,7 @@ def build_workspace(dst: Path, skills: bool = True) -> Path:
         if start >= 0:
             end = text.find("\n## ", start + 1)
             agents.write_text(text[:start] + (text[end:] if end >= 0 else "\n"))
-    (dst / ".gitignore").write_text(_GITIGNORE)
-    _git(["init", "-q", "-b", "main"], dst)
-    _git(["add", "-A"], dst)
-    _git(["commit", "-q", "--no-gpg-sign", "--no-verify", "-m", "PithTrain baseline (ATE-Bench workspace)"], dst)
-    return dst
+    return commit_baseline(dst, "PithTrain baseline (ATE-Bench workspace)")
 
 
 def build(framework: str, dst: Path) -> Path:
@@ -83,11 +60,6 @@ def build(framework: str, dst: Path) -> Path:
     if framework not in VARIANTS:
         raise ValueError(f"unknown framework {framework!r} (known: {', '.join(VARIANTS)})")
     return build_workspace(dst, **VARIANTS[framework])
-
-
-def baseline_commit(workspace: Path) -> str:
-    """The workspace's root commit (what build_workspace made), even after the agent committed on top."""
-    return _git(["rev-list", "--max-parents=0", "HEAD"], Path(workspace)).split()[-1]
 
 
 def python_env(workspace: str = "/workspace", cache_dir: str | None = None) -> dict[str, str]:

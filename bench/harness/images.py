@@ -5,9 +5,10 @@
 (a) `ate-base:bookworm`: debootstrap (minbase + python3, venv, pip, git, CA certificates, procps) piped
     into `docker import`; skipped when the image exists. `--base NAME` uses any local image instead (e.g. a
     CUDA PyTorch image loaded with `docker load`; add `--skip-torch` to keep its torch).
-(b) `ate-<framework>:<hash>` (also tagged `:latest`), built FROM the base with `docker build` on the host
-    network: a venv at /opt/venv with CPU torch (wheel downloaded on the host into the build context) and
-    the test/runtime packages at the host venv's versions; the Claude Code and Codex native binaries when
+(b) `ate-<framework>:<hash>` (also tagged `:latest`) for pithtrain, torchtitan and megatron, built FROM the
+    base with `docker build` on the host network: a venv at /opt/venv with CPU torch (wheel downloaded once on
+    the host, hard-linked into each build context) and the test/runtime packages at the host venv's versions
+    (that layer is shared by the three builds), then the framework's own pinned extras (`extras`); the Claude Code and Codex native binaries when
     they are installed on the host (npm). The framework package itself is not installed: the agent's
     workspace holds it (PYTHONPATH=/workspace). The hash covers every build input, so an unchanged build
     is skipped. A two-stage Dockerfile keeps the torch wheel out of the final layers.
@@ -34,7 +35,19 @@ DEBIAN_MIRROR = os.environ.get("ATE_DEBIAN_MIRROR", "http://deb.debian.org/debia
 BASE_PACKAGES = "python3,python3-venv,python3-pip,git,ca-certificates,procps"
 TORCH = "torch==2.13.0"
 PACKAGES = ("numpy", "tokenizers", "safetensors", "pytest", "transformers", "pyarrow")
-FRAMEWORKS = ("pithtrain",)
+FRAMEWORKS = ("pithtrain", "torchtitan", "megatron")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def extras(framework: str) -> list[str]:
+    """Pinned packages a framework needs beyond the common venv (its package itself stays in the workspace):
+    adapters/<framework>/wheels.txt without the framework's own line."""
+    path = REPO / "adapters" / framework / "wheels.txt"
+    if not path.is_file():
+        return []
+    own = {"torchtitan": "torchtitan==", "megatron": "megatron-core=="}.get(framework, "\0")
+    lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith(own)]
 CACHE = Path(os.environ.get("ATE_IMAGE_CACHE", "~/.cache/ate-bench/images")).expanduser()
 IMAGE_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -164,6 +177,9 @@ def _pins() -> list[str]:
 
 def dockerfile(base: str, framework: str, *, ca: bool, torch: bool, clis: dict[str, Path]) -> str:
     pins = " ".join(_pins())
+    more = extras(framework)  # a later layer: the common venv layer above is shared by every framework's build
+    extra_lines = (f"RUN /opt/venv/bin/pip install -q --no-deps {' '.join(more)} \\\n"
+                   f" && find /opt/venv -name __pycache__ -prune -exec rm -rf {{}} +\n") if more else ""
     ca_lines = (
         "COPY ca.crt /usr/local/share/ca-certificates/ate-egress.crt\nRUN update-ca-certificates >/dev/null\n"
         if ca else ""
@@ -183,7 +199,7 @@ FROM {base} AS venv
 COPY wheels/ /ctx/wheels/
 RUN python3 -m venv {venv_flags}/opt/venv && /opt/venv/bin/pip install -q {torch_install}{pins} \\
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {{}} +
-LABEL ate-bench.stage=venv-cache
+{extra_lines}LABEL ate-bench.stage=venv-cache
 
 FROM {base}
 {ca_lines}COPY --from=venv /opt/venv /opt/venv
@@ -206,13 +222,18 @@ def build_framework(client: docker.DockerClient, framework: str, base: str, *, t
     t = time.monotonic()
     ctx = CACHE / framework
     (ctx / "wheels").mkdir(parents=True, exist_ok=True)
-    wheels = sorted((ctx / "wheels").glob(f"torch-{TORCH.split('==')[1]}*.whl"))
+    shared = CACHE / "wheels"  # one download for every framework's context (hard-linked in)
+    pattern = f"torch-{TORCH.split('==')[1]}*.whl"
+    wheels = sorted(shared.glob(pattern)) or sorted(CACHE.glob(f"*/wheels/{pattern}"))  # or an older build's
     if torch and not wheels:
-        log(f"{framework}: pip download {TORCH} into the build context")
+        log(f"{framework}: pip download {TORCH} into {shared}")
         r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", TORCH, "--no-deps", "-d",
-                            str(ctx / "wheels")], capture_output=True, text=True)
+                            str(shared)], capture_output=True, text=True)
         if r.returncode != 0:
             raise BuildError(f"pip download {TORCH} failed: {r.stderr.strip().splitlines()[-1:]}")
+        wheels = sorted(shared.glob(pattern))
+    if torch and not (ctx / "wheels" / wheels[0].name).exists():
+        _place(wheels[0], ctx / "wheels" / wheels[0].name)
     for old in (ctx / "wheels").glob("*.whl"):  # only the wanted wheel travels in the context
         if torch and old.name.startswith(f"torch-{TORCH.split('==')[1]}"):
             continue

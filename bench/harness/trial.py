@@ -24,7 +24,7 @@ from bench.harness.judge import Judge, workspace_diff
 from bench.harness.meter import METER_DIR, GpuSampler, meter_intervals
 from bench.harness.verifier import run_verifier
 
-FRAMEWORKS = ("pithtrain", "pithtrain-noskills")
+FRAMEWORKS = ("pithtrain", "pithtrain-noskills", "torchtitan", "megatron")
 
 
 @dataclass

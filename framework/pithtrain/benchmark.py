@@ -61,6 +61,31 @@ def random_batches(cfg, generator: torch.Generator, count: int) -> list[tuple[to
     return out
 
 
+class RandomTokenStepper:
+    """The training step of `pithtrain.train` (its model, AdamW, LR schedule, forward_backward, optimizer_step) on
+    seeded random tokens: what the benchmark times, and what the profile-step and estimate-memory skills run.
+    `stepper(before_update)` runs one step, calls `before_update()` (if given) between backward and the
+    optimizer update, and returns the step's mean cross-entropy over all data-parallel ranks."""
+
+    def __init__(self, cfg, par: Parallel, total_steps: int):
+        self.cfg, self.par = cfg, par
+        self.amp_dtype = autocast_dtype(cfg, par.device)
+        self.model, _, self.n_params = build_model(cfg, par)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_factor(s, cfg.optim, total_steps))
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + par.dp_rank)
+
+    def __call__(self, before_update=None) -> float:
+        t, par = self.cfg.train, self.par
+        batches = random_batches(self.cfg, self.generator, t.grad_accum)
+        ce_sum = forward_backward(self.model, batches, par, par.device, self.amp_dtype)[0]
+        if before_update is not None:
+            before_update()
+        optimizer_step(self.model, self.optimizer, self.scheduler, par, self.cfg.optim.grad_clip)
+        return (par.all_reduce(ce_sum.float().clone()) / (t.grad_accum * par.dp_size)).item()
+
+
 def region_of(event, forward_regions: dict) -> str | None:
     """The pithtrain region an op belongs to: its own or an enclosing `pithtrain.*` annotation, else (backward)
     the region of the forward op whose autograd node it evaluates."""
@@ -109,11 +134,8 @@ def benchmark(cfg, steps: int, warmup: int, profile_step: bool = True) -> dict:
 
 def _benchmark(cfg, par: Parallel, steps: int, warmup: int, profile_step: bool) -> dict:
     device, t = par.device, cfg.train
-    amp_dtype = autocast_dtype(cfg, device)
-    model, _, n_params = build_model(cfg, par)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, steps + warmup + 1))
-    generator = torch.Generator().manual_seed(t.seed + par.dp_rank)
+    step = RandomTokenStepper(cfg, par, steps + warmup + 1)
+    amp_dtype, n_params = step.amp_dtype, step.n_params
     tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * par.dp_size
     flops_per_token = model_module(cfg.family).flops_per_token(cfg.model, t.seq_len)
     peak = peak_flops(device)
@@ -121,12 +143,6 @@ def _benchmark(cfg, par: Parallel, steps: int, warmup: int, profile_step: bool) 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    def step() -> float:
-        batches = random_batches(cfg, generator, t.grad_accum)
-        ce_sum = forward_backward(model, batches, par, device, amp_dtype)[0]
-        optimizer_step(model, optimizer, scheduler, par, cfg.optim.grad_clip)
-        return (par.all_reduce(ce_sum.float().clone()) / (t.grad_accum * par.dp_size)).item()
 
     times, losses = [], []
     for i in range(warmup + steps):

@@ -248,17 +248,9 @@ def measure(cfg, steps: int, out_dir: Path) -> None:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from pithtrain.benchmark import random_batches
+    from pithtrain.benchmark import RandomTokenStepper
     from pithtrain.parallel.mesh import Parallel
-    from pithtrain.train import (
-        autocast_dtype,
-        build_model,
-        build_optimizer,
-        forward_backward,
-        lr_factor,
-        optimizer_step,
-        resolve_device,
-    )
+    from pithtrain.train import resolve_device
 
     def nbytes(tensors) -> int:
         total = 0
@@ -272,20 +264,17 @@ def measure(cfg, steps: int, out_dir: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
     par = Parallel(cfg, device)
     try:
-        amp = autocast_dtype(cfg, par.device)
-        model, _, _ = build_model(cfg, par)
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, steps))
-        gen = torch.Generator().manual_seed(cfg.train.seed + par.dp_rank)
+        stepper = RandomTokenStepper(cfg, par, steps)
         found = {}
+
+        def count_bytes():  # after the last backward, before its update: every buffer is live
+            params = list(stepper.model.parameters())
+            grads = [q.grad for q in params if q.grad is not None]
+            states = [v for st in stepper.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+            found.update(params=nbytes(params), grads=nbytes(grads), optim=nbytes(states))
+
         for i in range(steps):
-            forward_backward(model, random_batches(cfg, gen, cfg.train.grad_accum), par, par.device, amp)
-            if i == steps - 1:
-                params = list(model.parameters())
-                grads = [q.grad for q in params if q.grad is not None]
-                states = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
-                found = {"params": nbytes(params), "grads": nbytes(grads), "optim": nbytes(states)}
-            optimizer_step(model, optimizer, scheduler, par, cfg.optim.grad_clip)
+            stepper(count_bytes if i == steps - 1 else None)
         if par.device.type == "cuda":
             torch.cuda.synchronize()
             found["peak"] = torch.cuda.max_memory_allocated()

@@ -52,37 +52,23 @@ def aggregate(prof, on_gpu: bool) -> list[tuple[str, float, int]]:
 
 def profile(cfg, warmup: int, trace: Path | None, nvtx_range: bool) -> tuple[list, str, list[float], bool]:
     import torch
-    from torch.optim.lr_scheduler import LambdaLR
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from pithtrain.benchmark import random_batches
+    from pithtrain.benchmark import RandomTokenStepper
     from pithtrain.parallel.mesh import Parallel
-    from pithtrain.train import (
-        autocast_dtype,
-        build_model,
-        build_optimizer,
-        forward_backward,
-        lr_factor,
-        optimizer_step,
-        resolve_device,
-    )
+    from pithtrain.train import resolve_device
 
     par = Parallel(cfg, resolve_device(cfg))
     try:
         device, t = par.device, cfg.train
-        amp = autocast_dtype(cfg, device)
-        model, _, n_params = build_model(cfg, par)
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim, warmup + 1))
-        generator = torch.Generator().manual_seed(t.seed + par.dp_rank)
+        stepper = RandomTokenStepper(cfg, par, warmup + 1)
+        amp, n_params = stepper.amp_dtype, stepper.n_params
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         losses = []
 
         def step():
-            ce = forward_backward(model, random_batches(cfg, generator, t.grad_accum), par, device, amp)[0]
-            optimizer_step(model, optimizer, scheduler, par, cfg.optim.grad_clip)
-            losses.append((par.all_reduce(ce.float().clone()) / (t.grad_accum * par.dp_size)).item())
+            losses.append(stepper())
 
         for i in range(warmup):
             start = time.perf_counter()

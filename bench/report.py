@@ -129,6 +129,8 @@ def bar_chart(med: pd.DataFrame, metric: str, title: str, kind: str, ylabel: str
     tasks = sorted((t for t in table.index if t not in empty), key=task_sort_key)  # e.g. no GPU in Q&A
     fws = sorted(table.columns, key=framework_sort_key)
     table = table.loc[tasks, fws]
+    fws = [fw for fw in fws if np.isfinite(table[fw].to_numpy(dtype=float)).any()]  # no such task: no bar, no key
+    table = table[fws]
     div, unit = _scale(kind, float(np.nanmax(vals)))
     n_t, n_f = len(tasks), len(fws)
     width = 0.8 / n_f

@@ -45,3 +45,15 @@ def test_tiny_deepseek_trains_on_cpu(tmp_path):
     assert res["params"] == res["pithtrain_params"]
     assert res["skipped_steps"] == 0 and len(res["per_step"]) == 3
     assert abs(res["loss_first"] - 8.32) < 0.2 and res["tokens_per_s"] > 0  # ln(4096) = 8.32
+
+
+def test_builtin_data_and_metrics_in_pithtrain_fields(tmp_path):
+    """The standard run spec: PithTrain's builtin corpus in its trainer's order, metrics.jsonl in its fields."""
+    metrics = tmp_path / "metrics.jsonl"
+    res = run("--shape", "deepseek", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--data", "builtin",
+              "--metrics", str(metrics), tmp_path=tmp_path)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert res["data"] == "builtin" and [r["step"] for r in rows] == [1, 2, 3]
+    assert {"step", "loss", "grad_norm", "tokens_per_s", "step_time_s"} <= rows[0].keys()
+    assert [r["loss"] for r in rows] == [r["loss"] for r in res["per_step"]]
+    assert abs(rows[0]["loss"] - 8.32) < 0.3  # ln(4096) at init, real text or not

@@ -365,6 +365,11 @@ def train(model, optimizer, vocab: int, args, seq_len: int, log) -> list[dict]:
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(mb, -1)
 
     def batches():
+        if args.data == "builtin":  # PithTrain's builtin corpus in its trainer's order (adapters/run_data.py)
+            from adapters.run_data import builtin_batches
+
+            for x, y in builtin_batches(seq_len, mb, 1, args.seed):
+                yield x.to(device), y.to(device)
         while True:  # uniform random tokens; labels are the next token
             tokens = torch.randint(0, vocab, (mb, seq_len + 1), device=device, generator=gen)
             yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -425,7 +430,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="measured steps, after the warmup ones")
     p.add_argument("--warmup", type=int, default=5, help="steps first, left out of the averages (step 1 compiles)")
     p.add_argument("--lr", type=float, help="default: the config's optim.lr (3e-4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random-token seed, or the data order seed for --data builtin")
+    p.add_argument("--data", choices=["random", "builtin"], default="random",
+                   help="random: uniform token ids (throughput); builtin: PithTrain's builtin corpus in its trainer's "
+                        "order (the standard run spec: losses compare with pithtrain.train's)")
+    p.add_argument("--metrics", help="also write per-step metrics.jsonl here, in PithTrain's fields")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny-* PithTrain config of the shape (CPU checks)")
     p.add_argument("--dry-run", action="store_true", help="build the model on the CPU and compare parameter counts")
@@ -505,11 +514,15 @@ def main(argv=None) -> int:
         tokens_per_s=args.micro_batch * seq_len / step_time, step_time_s=step_time,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0,
         loss_first=records[0]["loss"], loss_last=records[-1]["loss"],
-        skipped_steps=sum(not r["ok"] for r in records), per_step=records)
+        skipped_steps=sum(not r["ok"] for r in records), per_step=records, data=args.data)
     log(f"{result['tokens_per_s']:,.0f} tokens/s, {step_time * 1e3:.1f} ms/step over {len(timed)} steps, "
         f"peak {result['peak_mem_gib']:.1f} GiB, loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}")
     if args.out:
         write_atomic(args.out, result)
+    if args.metrics:
+        from adapters.run_data import write_metrics
+
+        write_metrics(args.metrics, records)
     torch.distributed.destroy_process_group()
     return 0
 

@@ -187,7 +187,26 @@ def build_random_dataloader(dp_world_size, dp_rank, tokenizer, job_config, *, vo
     return RandomTokens(vocab_size, job_config.training.local_batch_size, job_config.training.seq_len, seed=dp_rank)
 
 
-def register_spec(family: str, args) -> str:
+class BuiltinTokens(RandomTokens):
+    """`--data builtin`: PithTrain's builtin corpus in its trainer's order (adapters/run_data.py)."""
+
+    def __init__(self, batch: int, seq_len: int, grad_accum: int, seed: int):
+        self.batch, self.seq_len, self.grad_accum, self.seed, self.batches = batch, seq_len, grad_accum, seed, 0
+
+    def __iter__(self):
+        from adapters.run_data import builtin_batches
+
+        for x, y in builtin_batches(self.seq_len, self.batch, self.grad_accum, self.seed):
+            self.batches += 1
+            yield {"input": x}, y
+
+
+def build_builtin_dataloader(dp_world_size, dp_rank, tokenizer, job_config, *, seed: int) -> BuiltinTokens:
+    t = job_config.training
+    return BuiltinTokens(t.local_batch_size, t.seq_len, t.global_batch_size // t.local_batch_size, seed)
+
+
+def register_spec(family: str, args, data: str = "random", seed: int = 0) -> str:
     """Register TorchTitan's own TrainSpec for the family with our flavor, data source and MoE-balancing optimizer
     builder; tokenizer, validator, pipelining and HF state-dict adapter are dropped (unused on one GPU)."""
     from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
@@ -197,7 +216,8 @@ def register_spec(family: str, args) -> str:
     spec = dataclasses.replace(
         ts.get_train_spec(BASE_SPEC[family]), model_args={FLAVOR: args}, pipelining_fn=None,
         build_optimizers_fn=build_optimizers_with_moe_load_balancing, build_tokenizer_fn=None,
-        build_dataloader_fn=functools.partial(build_random_dataloader, vocab_size=args.vocab_size),
+        build_dataloader_fn=(functools.partial(build_random_dataloader, vocab_size=args.vocab_size) if data == "random"
+                             else functools.partial(build_builtin_dataloader, seed=seed)),
         build_validator_fn=None, state_dict_adapter=None,
     )
     ts._extra_train_specs.pop(name, None)  # one process may build several shapes (tests)
@@ -358,6 +378,11 @@ def parse(argv: list[str] | None):
     p.add_argument("--steps", type=int, default=10, help="measured steps, after the warmup ones (default 10)")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured steps first, >= 1: step 1 holds set-up and "
                    "compilation (default 5)")
+    p.add_argument("--data", choices=["random", "builtin"], default="random",
+                   help="random: uniform token ids (throughput); builtin: PithTrain's builtin corpus in its trainer's "
+                        "order (the standard run spec: losses compare with pithtrain.train's)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed for --data builtin (PithTrain's train.seed)")
+    p.add_argument("--metrics", help="also write per-step metrics.jsonl here, in PithTrain's fields")
     p.add_argument("--out", help="result JSON (default result.json; with --dry-run: only printed unless given)")
     p.add_argument("--dry-run", action="store_true", help="CPU only: build config and meta model, print counts")
     a, extra = p.parse_known_args(argv)
@@ -374,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     stub_note = stub_datasets_if_missing()
     args, notes = build_model_args(cfg["model"], a.seq_len)
     notes += [stub_note] if stub_note else []
-    spec_name = register_spec(cfg["model"]["family"], args)
+    spec_name = register_spec(cfg["model"]["family"], args, a.data, a.seed)
     dump = tempfile.mkdtemp(prefix="torchtitan-bench-")
     targs = titan_args(a, spec_name, cfg, dump, extra)
 
@@ -443,8 +468,14 @@ def main(argv: list[str] | None = None) -> int:
         "framework_flops_per_token": trainer.metrics_processor.num_flops_per_token,
         "command": command, "torchtitan_args": targs, "notes": notes,
     }
+    result["data"] = a.data
     a.out = a.out or "result.json"
     write_json(a.out, result)
+    if a.metrics:
+        from adapters.run_data import write_metrics
+
+        write_metrics(a.metrics, [{**r, "tokens_per_s": r.get("tps"), "peak_mem_gib": r.get("max_allocated_gib")}
+                                  for r in result["per_step"]])
     print(f"[torchtitan-bench] {a.shape} {a.routing} mb={a.micro_batch}x{a.grad_accum} ac={a.ac} compile={a.compile}: "
           f"{result['tokens_per_s']:,.0f} tokens/s, {result['step_time_s']:.3f} s/step, "
           f"peak {result['peak_mem_gib']} GiB allocated -> {a.out}", flush=True)

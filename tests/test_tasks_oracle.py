@@ -127,6 +127,21 @@ def test_baseline_frameworks_oracle_one_null_zero(task, framework, tmp_path):
         assert_matches_baseline(task, agent, tmp_path / agent, framework)
 
 
+@pytest.mark.parametrize("task", [t for t in CPU_TASKS if t.category == "feature"], ids=lambda t: t.name)
+def test_feature_verifier_fails_a_change_without_the_feature(task, workspace, tmp_path):
+    """Null scores 0 without running the tests (no diff); a diff that lacks the feature goes through every
+    property test and still scores 0."""
+    def unrelated_edit(ctx):
+        ctx.sandbox.exec("echo 'A note.' >> README.md", timeout=30)
+        return AgentResult(exit_code=0, final_message="done")
+
+    _, reward, sub, err = trial(task, unrelated_edit, workspace, tmp_path)
+    assert (err, reward) == ("", 0.0), (err, sub)
+    assert "unchanged" not in sub["reason"] and sub["reason"], sub
+    ran = sub.get("properties_total", sub.get("props_total", 0))
+    assert ran > 0, sub
+
+
 def test_agent_events_are_well_formed(workspace, tmp_path):
     result, reward, _, _ = trial(BY_NAME[ROPE], OracleAgent(), workspace, tmp_path)
     kinds = [e.kind for e in result.events]

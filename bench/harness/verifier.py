@@ -5,6 +5,7 @@ harness; copied in only now, so the agent never saw it):
 
     <harness_dir>/verifier/
         tests/       the task's tests/ folder, plus qa_keys.py (Q&A test.sh files run `$TESTS/qa_keys.py`)
+                     and verify_lib/*.py (feature verifiers several tasks share)
         answer.md    the agent's final message: the answer channel of Q&A tasks
         baseline/    the workspace as the agent got it (adapter + task setup files), for verifiers that
                      must run framework code the agent could not have edited
@@ -32,6 +33,7 @@ from pathlib import Path
 from bench.harness.core import Sandbox, Task
 
 QA_KEYS = Path(__file__).with_name("qa_keys.py")
+VERIFY_LIB = Path(__file__).with_name("verify_lib")  # verifier scripts several tasks share
 _baselines: dict[str, Path] = {}
 
 
@@ -88,6 +90,8 @@ def run_verifier(task: Task, framework: str, sandbox: Sandbox, final_message: st
             stage = Path(tmp) / "verifier"
             shutil.copytree(task.tests_dir, stage / "tests")
             shutil.copy2(QA_KEYS, stage / "tests" / "qa_keys.py")
+            for f in VERIFY_LIB.glob("*.py"):
+                shutil.copy2(f, stage / "tests" / f.name)
             (stage / "answer.md").write_text(final_message or "")
             (stage / "out").mkdir()
             sandbox.exec(f"rm -rf {q(vdir)}", timeout=60, as_agent=False)

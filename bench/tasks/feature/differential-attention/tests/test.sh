@@ -20,6 +20,7 @@ if [ -z "$BASE" ]; then
 fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
 case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
-  pithtrain) exec "$PY" "$TESTS/pithtrain/check.py" "$WS" "$BASE" "$WORK" "$OUT/reward.json" ;;
+  pithtrain) exec "$PY" "$TESTS/feature_props.py" "$WS" "$BASE" "$WORK" "$OUT/reward.json" "$TESTS/pithtrain/props.py" 20 \
+      -- --set model.diff_attention=true ;;
   *) echo "differential-attention: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ if [ -z "$BASE" ]; then
 fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
 case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
-  pithtrain) exec "$PY" "$TESTS/pithtrain/check.py" "$WS" "$BASE" "$WORK" "$OUT/reward.json" ;;
+  pithtrain) exec "$PY" "$TESTS/feature_props.py" "$WS" "$BASE" "$WORK" "$OUT/reward.json" "$TESTS/pithtrain/props.py" 20 \
+      -- --set model.moba_block_size=16 --set model.moba_topk=2 ;;
   *) echo "moba-attention: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac

@@ -305,7 +305,7 @@ def p_unchanged_when_disabled(ctx):
 
 
 def p_run(ctx):
-    """The training run with the key on (launched by check.py): finite, decreasing logged losses; its final
+    """The training run with the key on (launched by feature_props.py): finite, decreasing logged losses; its final
     checkpoint, rebuilt from its config.json, has the lambda vectors and beats the initial model's held-out loss."""
     from pithtrain import checkpoint as ckpt
     from pithtrain.config import build_config, model_classes

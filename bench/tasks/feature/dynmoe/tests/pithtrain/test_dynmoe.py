@@ -1,6 +1,6 @@
 """Hidden property tests of feature/dynmoe (DynMoE top-any gating).
 
-Run by check.py with the agent's workspace first on sys.path (env ATE_WS) and the pristine framework at
+Run by feature_pytest.py (bench/harness/verify_lib) with the agent's workspace first on sys.path (env ATE_WS) and the pristine framework at
 ATE_BASE.
 Every expected value comes from the reference below, written from the task's definitions:
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 WS, BASE = Path(os.environ["ATE_WS"]).resolve(), Path(os.environ["ATE_BASE"]).resolve()
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # its parent holds dump.py, copied from bench/harness/verify_lib
 H, INTER, E = 16, 8, 6
 THRESHOLDS = [0.1, 0.25, 0.35, 0.2, 0.3, 0.15]  # cos thresholds: tokens with 0, 1 and several active experts
 
@@ -276,7 +276,7 @@ def test_feature_off_model_unchanged(tmp_path):
     for label, root in (("base", BASE), ("ws", WS)):
         env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
         procs[label] = subprocess.Popen(
-            [sys.executable, str(HERE / "dump.py"), str(BASE / "configs"), str(tmp_path / f"{label}.pt")],
+            [sys.executable, str(HERE.parent / "dump.py"), str(BASE / "configs"), str(tmp_path / f"{label}.pt")],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,

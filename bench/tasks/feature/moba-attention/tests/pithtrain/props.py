@@ -150,7 +150,7 @@ def fixed_mask_output(attn, m, x: torch.Tensor, allowed: torch.Tensor) -> torch.
 
 
 class VerifierFault(Exception):
-    """A problem of this script, not of the agent's code: exit 3, which check.py reports as a verifier error."""
+    """A problem of this script, not of the agent's code: exit 3, which feature_props.py reports as a verifier error."""
 
 
 def close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-4) -> None:
@@ -303,7 +303,7 @@ def p_unchanged_when_disabled(ctx):
 
 
 def p_run(ctx):
-    """The training run with MoBA on (launched by check.py): finite, decreasing logged losses; its final
+    """The training run with MoBA on (launched by feature_props.py): finite, decreasing logged losses; its final
     checkpoint, rebuilt from its config.json, beats the initial model's held-out loss."""
     from pithtrain import checkpoint as ckpt
     from pithtrain.config import build_config, model_classes

@@ -1,14 +1,15 @@
-"""differential-attention verifier for PithTrain: property tests, a short training run, unchanged-when-off.
+"""Verifier of a PithTrain feature task with its own property script: property tests, a short training run,
+unchanged-when-off. The harness copies this file beside every task's hidden tests (bench/harness/verifier.py).
 
-    python check.py <workspace> <pristine framework root> <work dir> <reward.json>
+    python feature_props.py <workspace> <pristine framework root> <work dir> <reward.json> <props.py> <steps> \
+        -- <--set overrides that turn the feature on>
 
 1. props.py pristine, beside 2.: the unmodified framework's weights, inputs and logits (a failure here is ours:
    exit 1).
-2. A 20-step CPU training run of the pristine tiny DeepSeek-V2 config with model.diff_attention = true,
-   through the agent's `python -m pithtrain.train`.
-3. props.py agent: the property tests (reference comparison, lambda_init schedule, lambda = 0 reduction,
-   causality, gradients, parameters, config validation), the disabled model against the pristine logits, and
-   the run (finite, decreasing logged loss; its checkpoint recomputed here on held-out data).
+2. A <steps>-step CPU training run of the pristine tiny DeepSeek-V2 config with the overrides, through the
+   agent's `python -m pithtrain.train`.
+3. props.py agent: the task's property tests, the disabled model against the pristine logits, and the run
+   (finite, decreasing logged loss; its checkpoint recomputed on held-out data).
 Reward 1 only when everything passes; sub-scores say what did.
 """
 
@@ -17,12 +18,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-STEPS = 20
-RUN_ARGS = ["--set", "model.diff_attention=true", "--set", f"train.steps={STEPS}", "--set", "train.seq_len=64",
-            "--set", "train.micro_batch_size=4", "--set", "train.log_every=5", "--set", "train.eval_batches=1",
-            "--set", "train.device=cpu", "--set", "checkpoint.every=0"]  # fmt: skip
 
 
 def start(args: list, path: Path, work: Path, name: str) -> subprocess.Popen:
@@ -48,11 +43,17 @@ def finish(proc: subprocess.Popen, work: Path, name: str, timeout: float) -> tup
 
 
 def main() -> int:
-    ws, base, work, out = (Path(a) for a in sys.argv[1:5])
+    ws, base, work, out, props_py = (Path(a) for a in sys.argv[1:6])
+    steps, sep, feature_args = sys.argv[6], sys.argv[7:8], sys.argv[8:]
+    if sep != ["--"] or not feature_args:
+        sys.exit("usage: feature_props.py WS BASE WORK REWARD PROPS STEPS -- --set KEY=VALUE ...")
+    run_args = [*feature_args, "--set", f"train.steps={steps}", "--set", "train.seq_len=64",
+                "--set", "train.micro_batch_size=4", "--set", "train.log_every=5", "--set", "train.eval_batches=1",
+                "--set", "train.device=cpu", "--set", "checkpoint.every=0"]  # fmt: skip
     pristine, run, result = work / "pristine.pt", work / "run", work / "props.json"
     cfg = base / "configs" / "tiny-deepseek-v2-lite.toml"
-    reference = start([HERE / "props.py", "pristine", base, pristine], base, work, "pristine")
-    training = start(["-m", "pithtrain.train", "--config", cfg, *RUN_ARGS, "--set", f"train.run_dir={run}"], ws,
+    reference = start([props_py, "pristine", base, pristine], base, work, "pristine")
+    training = start(["-m", "pithtrain.train", "--config", cfg, *run_args, "--set", f"train.run_dir={run}"], ws,
                      work, "run")  # fmt: skip
     run_exit, run_tail = finish(training, work, "run", 400)
     code, tail = finish(reference, work, "pristine", 300)
@@ -60,7 +61,7 @@ def main() -> int:
         print(f"verifier: the pristine reference failed: {tail}", file=sys.stderr)
         return 1
     sub: dict = {"run_exit": run_exit, **({"run_output": run_tail} if run_exit != 0 else {})}
-    code, tail = finish(start([HERE / "props.py", "agent", ws, pristine, run, STEPS, result], ws, work, "props"),
+    code, tail = finish(start([props_py, "agent", ws, pristine, run, steps, result], ws, work, "props"),
                         work, "props", 400)  # fmt: skip
     if code == 3:
         print(f"verifier: the property tests failed on their own: {tail}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """Verifier of a PithTrain feature task: the hidden property tests and the pristine framework's own tests,
 run on the agent's workspace.
 
-    python check.py <workspace> <pristine framework> <reward.json> <scratch folder>
+    python feature_pytest.py <workspace> <pristine framework> <reward.json> <scratch folder> <task tests folder>
+
+The harness copies this file (and dump.py, which the e2e tests run) beside every task's hidden tests.
 
 Three pytest runs at once, each a child process with the workspace first on the path:
-  props     test_*.py beside this file, except those marked e2e: the feature's properties on tiny inputs
+  props     test_*.py of the task's tests folder, except those marked e2e: the feature's properties on tiny inputs
   e2e       the tests marked e2e: a short training run with the feature on; with it off, the tiny models
             against the pristine framework's (parameters, logits, losses, gradients)
   baseline  BASELINE_TESTS of the pristine framework's tests/, against the agent's code
@@ -42,11 +44,10 @@ def junit(path: Path) -> tuple[int, list[str]]:
 
 
 def main() -> int:
-    ws, base, out, work = (Path(a).resolve() for a in sys.argv[1:5])
+    ws, base, out, work, here = (Path(a).resolve() for a in sys.argv[1:6])
     missing = [m for m in ("torch", "pytest", "transformers") if importlib.util.find_spec(m) is None]
     if missing:  # the verifier's environment, not the agent's work
         sys.exit(f"check.py: {sys.executable} lacks {', '.join(missing)}")
-    here = Path(__file__).resolve().parent
     (work / "pytest.ini").write_text(
         "[pytest]\nmarkers =\n    e2e: end-to-end (training run, pristine comparison)\n"
     )

@@ -107,9 +107,11 @@ def unpack_wheel(path: Path, dst: Path, top: str) -> dict:
             "license": license_text}
 
 
-def package_workspace(dst: Path, requirement: str, top: str, title: str, source_env: str) -> tuple[Path, dict]:
+def package_workspace(dst: Path, requirement: str, top: str, title: str, source_env: str,
+                      framework: str | None = None) -> tuple[Path, dict]:
     """A baseline framework's workspace: its package tree at the root as a user's checkout has it, its README
-    and LICENSE, committed as the baseline. From the pinned registry wheel, or from a checkout of the official
+    and LICENSE, plus (with `framework`) the standard run spec's `ate_run/` folder (adapters/ate_run), committed
+    as the baseline. From the pinned registry wheel, or from a checkout of the official
     repository at the matching tag when `$source_env` names one (its `top/` folder, README.md and LICENSE are
     copied). -> (workspace, version record)."""
     import shutil
@@ -136,5 +138,9 @@ def package_workspace(dst: Path, requirement: str, top: str, title: str, source_
         if meta["license"]:
             (dst / "LICENSE").write_text(meta["license"])
         info = {"version": meta["version"], "source": f"wheel {path.name}"}
+    if framework:
+        from adapters import ate_run
+
+        ate_run.install(dst, framework)
     commit_baseline(dst, f"{title} {info['version']} baseline (ATE-Bench workspace)")
     return dst, info

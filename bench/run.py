@@ -36,7 +36,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--agent", default="oracle", choices=AGENT_NAMES, help="agent to run (default: oracle)")
     p.add_argument("--framework", default="pithtrain", choices=FRAMEWORKS,
-                   help="framework under test; a run covers the tasks that list it (torchtitan, megatron: the Q&A tasks)")
+                   help="framework under test; a run covers the tasks that list it (torchtitan, megatron: the Q&A tasks, and getting-started, collect-routing-trace, report-heavy-kernels where a GPU is given)")
     p.add_argument("--tasks", nargs="+", default=["all"], metavar="ID|CATEGORY",
                    help="task ids, categories (qa, operate, feature) or category/id; default: all")
     p.add_argument("--trials", type=int, default=1, help="trials per task (default 1)")
@@ -90,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         console.print(f"error: {e}", markup=False)
         return 2
-    runnable = [t for t in tasks if t.gpus <= len(gpu_pool)]  # gpus_optional tasks run on CPU without one
+    # gpus_optional tasks run on CPU without one
+    runnable = [t for t in tasks if t.gpus_needed(args.framework) <= len(gpu_pool)]
     for t in tasks:
         if t not in runnable:
-            console.print(f"skip {t.name}: needs {t.gpus} GPU(s), {len(gpu_pool)} available", markup=False)
+            console.print(f"skip {t.name}: needs {t.gpus_needed(args.framework)} GPU(s) on {args.framework}, "
+                          f"{len(gpu_pool)} available", markup=False)
     if not runnable:
         console.print("error: no task to run (see skips above)")
         return 2

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters import pithtrain
+from bench.harness.verifier import VERIFY_LIB
 
 TASKS = Path(__file__).resolve().parents[1] / "bench" / "tasks" / "operate"
 
@@ -37,7 +38,10 @@ def solved(task: str, tmp: Path) -> Path:
 def verify(task: str, ws: Path, tmp: Path) -> dict:
     out = Path(tmp / f"verify-{len(list(tmp.glob('verify-*')))}" / "out")
     out.mkdir(parents=True)
-    tests = TASKS / task / "tests"
+    tests = out.parent / "tests"  # staged as the harness does: the task's tests plus verify_lib beside them
+    shutil.copytree(TASKS / task / "tests", tests)
+    for f in VERIFY_LIB.glob("*.py"):
+        shutil.copy2(f, tests / f.name)
     r = subprocess.run(["bash", str(tests / "test.sh"), str(ws), str(tests), str(out)], env=env(tmp, ws),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

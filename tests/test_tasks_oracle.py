@@ -27,7 +27,8 @@ from bench.harness.verifier import run_verifier
 
 TASKS = discover_tasks()
 CPU_TASKS = [t for t in TASKS if t.gpus == 0 and "pithtrain" in t.frameworks]
-BASELINE_FRAMEWORK_TRIALS = [(t, fw) for t in TASKS if t.gpus == 0 for fw in t.frameworks if fw != "pithtrain"]
+BASELINE_FRAMEWORK_TRIALS = [(t, fw) for t in TASKS for fw in t.frameworks  # the GPU-only ones run on the H100
+                             if fw != "pithtrain" and not t.gpus_needed(fw)]
 BY_NAME = {t.name: t for t in TASKS}
 ROPE = "qa/rope-implementation"
 BASELINE = Path(__file__).resolve().parents[1] / "bench/results/baseline-deterministic.json"

@@ -28,5 +28,5 @@ def version() -> dict:
 
 def build(framework: str, dst: Path) -> Path:
     """The workspace (`framework` is this adapter's NAME: adapters.get only dispatches that)."""
-    return package_workspace(dst, REQUIREMENT, "megatron", "Megatron-Core", "ATE_MEGATRON_SRC")[0]
+    return package_workspace(dst, REQUIREMENT, "megatron", "Megatron-Core", "ATE_MEGATRON_SRC", NAME)[0]
 

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 import warnings
@@ -28,10 +27,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# The Megatron-generic parts (layer spec, TE-less fixes, CPU emulation, world of one, training wrappers and step)
+# live in the launch entry that ATE-Bench ships into Megatron workspaces; this runner adds PithTrain's config mapping.
+from adapters.megatron.ate_run.pretrain_gpt import (
+    PINNED,
+    CudaOnCpu,
+    fix_mcore_without_te,
+    init_world,
+    layer_specs,
+    megatron_step,
+    patch_cuda_for_cpu,
+    use_torch_grouped_mm,
+    wrap_model,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"qwen3": "small-qwen3-moe.toml", "deepseek": "small-deepseek-v2-lite.toml"}
 TINY = {"qwen3": "tiny-qwen3-moe.toml", "deepseek": "tiny-deepseek-v2-lite.toml"}
-PINNED = "0.16.1"  # megatron-core version of wheels.txt; a different one is run but noted
 LB_LEVEL = {"micro_batch": "aux_loss", "sequence": "seq_aux_loss", "global_batch": "global_aux_loss"}
 
 
@@ -144,89 +156,6 @@ def transformer_config(cfg, args) -> tuple[object, dict, list[str]]:
     return MLATransformerConfig(**kw), gpt, notes
 
 
-# ---- layer spec: Megatron's local spec, with the core-attention and expert choices made explicit ----
-
-
-def attention_classes():
-    """Core-attention modules for the local spec's core_attention slot."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.module import MegatronModule
-
-    class LocalAttention(DotProductAttention):
-        """Megatron's unfused DotProductAttention. MLA passes k_channels/v_channels, which 0.16.1's local class does
-        not accept (get_gpt_layer_local_spec(multi_latent_attention=True) fails to build), so they are taken here;
-        the unfused kernels already handle q/k width 192 against v width 128 with kv_channels = v_head_dim."""
-
-        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
-            super().__init__(*args, **kwargs)
-
-    class SDPAttention(MegatronModule):
-        """torch scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels) in the same slot: the
-        fused attention the TE path would get, which Megatron-Core 0.16 has no non-TE module for."""
-
-        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                     softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None):
-            super().__init__(config=config)
-            self.scale = softmax_scale
-            self.gqa = (config.num_query_groups or config.num_attention_heads) != config.num_attention_heads
-
-        def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                    packed_seq_params=None, **kwargs):
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, heads, d] -> [b, heads, s, d]
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
-            return out.permute(2, 0, 1, 3).flatten(2)  # [s, b, heads * d_v]
-
-    return {"local": LocalAttention, "sdpa": SDPAttention}
-
-
-def layer_specs(config, attention: str) -> list:
-    """Megatron's own block spec (get_gpt_decoder_block_spec with use_transformer_engine=False, i.e. the local spec
-    per layer, MoE or dense by moe_layer_freq) with the chosen core attention."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    cls = attention_classes()[attention]
-    for spec in block.layer_specs:
-        spec.submodules.self_attention.submodules.core_attention = cls
-    return block
-
-
-def use_torch_grouped_mm() -> None:
-    """Serve Megatron's GroupedMLP (the legacy grouped-GEMM experts of the local spec) with torch._grouped_mm in
-    place of the `grouped_gemm` package it imports (CUTLASS, built from source: not on the device)."""
-    from megatron.core.transformer.moe import grouped_gemm_util as gg
-
-    def gmm(a, b, batch_sizes, trans_b=False):
-        offsets = torch.cumsum(batch_sizes.to(a.device), 0).to(torch.int32)
-        return torch._grouped_mm(a, b.transpose(-2, -1) if trans_b else b, offs=offsets)
-
-    gg.grouped_gemm = gg.ops = type("TorchGroupedGemm", (), {"gmm": staticmethod(gmm)})
-
-
-def fix_mcore_without_te() -> list[str]:
-    """Two megatron-core 0.16.1 bugs that only show without Transformer Engine, each fixed by setting the module
-    flag the code meant to set. -> notes naming what was fixed."""
-    import importlib.util
-
-    from megatron.core.transformer import multi_latent_attention
-    from megatron.core.transformer.moe import moe_utils
-
-    if importlib.util.find_spec("transformer_engine") is not None:
-        return []
-    fixed = []
-    # moe_utils defines te_general_gemm only when TE imports, yet the router's gating GEMM tests it unguarded:
-    # every MoE forward raises NameError. None selects the torch.mm path that is written for this case.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-        fixed.append("moe_utils.te_general_gemm = None (router GEMM raised NameError without TE)")
-    # multi_latent_attention sets HAVE_TE from importing Megatron's TE wrappers, which import without TE (a MagicMock
-    # stands in), then calls isinstance() with the mock class as the type: MLA fails to build.
-    if multi_latent_attention.HAVE_TE:
-        multi_latent_attention.HAVE_TE = False
-        fixed.append("multi_latent_attention.HAVE_TE = False (MLA failed to build without TE)")
-    return [f"megatron-core {PINNED} without TE, flag fixes: " + "; ".join(fixed)] if fixed else []
-
-
 def backend_label(args) -> str:
     experts = {"sequential": "SequentialMLP experts (one GEMM pair per expert)",
                "grouped": "GroupedMLP experts (grouped_gemm package)",
@@ -237,69 +166,6 @@ def backend_label(args) -> str:
 
 
 # ---- runtime ----
-
-
-class CudaOnCpu(torch.overrides.TorchFunctionMode):
-    """--device cpu only: Megatron-Core writes device="cuda" in many places (causal mask, optimizer flags, grad
-    buffers); this sends those tensors to the CPU so that a tiny model can be trained here to shake out bugs."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:  # the optimizer checks "torch.cuda.*Tensor"
-            return func(*args).replace("torch.", "torch.cuda.", 1)
-        if func is torch.device and args and is_cuda(args[0]):
-            return torch.device("cpu")
-        if is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.to and len(args) > 1 and is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
-
-
-def is_cuda(device) -> bool:
-    """Whether a device argument names a CUDA device (an int is an accelerator index)."""
-    if isinstance(device, bool) or device is None:
-        return False
-    if isinstance(device, int):
-        return True
-    return (isinstance(device, str) and device.startswith("cuda")) or (
-        isinstance(device, torch.device) and device.type == "cuda")
-
-
-def patch_cuda_for_cpu() -> None:
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.max_memory_allocated = lambda *a, **k: 0
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-    from megatron.core.tensor_parallel import random as tp_random
-
-    # No dropout and one process: the model-parallel RNG fork is a no-op, and recomputation saves the CPU RNG.
-    get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
-    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    # Recomputation runs in autograd's thread, outside CudaOnCpu (modes are per thread): its one "cuda" tensor.
-    from megatron.core.fusions import fused_softmax
-
-    fused_softmax.get_default_causal_mask = lambda sq: torch.ones(sq, sq, dtype=torch.bool).triu(1)
-
-
-def init_world(device: str) -> None:
-    """torch.distributed and Megatron's parallel state for a world of one process."""
-    from megatron.core import parallel_state
-
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        if device == "cuda":
-            torch.cuda.set_device(0)
-        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
-    # Gloo side groups only serve checkpoint gathers; none is saved here, so none is made (nor needs a network).
-    parallel_state.initialize_model_parallel(create_gloo_process_groups=False)
 
 
 def build_model(cfg, args, seq_len: int):
@@ -330,39 +196,23 @@ def pithtrain_params(cfg) -> int:
 
 def wrap_for_training(model, config, cfg, args):
     """Megatron's training wrappers: Float16Module (bf16 params), DDP with fp32 main-grad buffers, and the
-    DistributedOptimizer (fp32 master weights), as Megatron-LM's setup_model_and_optimizer makes them."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer.module import Float16Module
+    DistributedOptimizer (fp32 master weights), as Megatron-LM's setup_model_and_optimizer makes them (wrap_model of
+    the launch entry), with Adam at a constant lr from the PithTrain config."""
+    from megatron.core.optimizer import OptimizerConfig
 
-    model = model.to(args.device)
-    model = Float16Module(config, model)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=True)
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    assert model.config is config
     o = cfg.optim
     opt_config = OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
                                  adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip, bf16=True,
                                  params_dtype=torch.bfloat16, use_distributed_optimizer=True)
-    optimizer = get_megatron_optimizer(opt_config, [model], use_gloo_process_groups=False)
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    return model, optimizer
+    return wrap_model(model, args.device, opt_config)
 
 
 def train(model, optimizer, vocab: int, args, seq_len: int, log) -> list[dict]:
     """Megatron's train step (zero grad buffers, forward_backward_no_pipelining over one micro-batch, optimizer
-    step), timed per step with a device synchronise on each side."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    forward_backward = get_forward_backward_func()
+    step: the launch entry's megatron_step), timed per step with a device synchronise on each side."""
     device, mb = args.device, args.micro_batch
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand(mb, -1)
 
     def batches():
         if args.data == "builtin":  # PithTrain's builtin corpus in its trainer's order (adapters/run_data.py)
@@ -374,29 +224,14 @@ def train(model, optimizer, vocab: int, args, seq_len: int, log) -> list[dict]:
             tokens = torch.randint(0, vocab, (mb, seq_len + 1), device=device, generator=gen)
             yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
-    def forward_step(data_iterator, model):
-        tokens, labels = next(data_iterator)
-        per_token = model(tokens, position_ids, None, labels=labels)  # [b, s] fp32 cross entropy
-
-        def loss_func(output):
-            loss = output.float().mean()
-            return loss, {"lm loss": loss.detach()}
-
-        return per_token, loss_func
-
     data, records, total = batches(), [], args.warmup + args.steps
     for step in range(1, total + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        losses = forward_backward(forward_step_func=forward_step, data_iterator=data, model=[model],
-                                  num_microbatches=1, seq_length=seq_len, micro_batch_size=mb, forward_only=False)
-        ok, grad_norm, _ = optimizer.step()
+        loss, grad_norm, ok = megatron_step(model, optimizer, None, [next(data)])
         torch.cuda.synchronize()
         dt = time.perf_counter() - start
-        loss = float(losses[0]["lm loss"])
-        rec = {"step": step, "loss": loss, "grad_norm": float(grad_norm or 0.0), "step_time_s": dt,
+        rec = {"step": step, "loss": loss, "grad_norm": grad_norm, "step_time_s": dt,
                "tokens_per_s": mb * seq_len / dt, "ok": bool(ok)}
         records.append(rec)
         log(f"step {step:3d}/{total}  loss {loss:.4f}  grad_norm {rec['grad_norm']:.3f}  "

@@ -26,5 +26,5 @@ def version() -> dict:
 
 def build(framework: str, dst: Path) -> Path:
     """The workspace (`framework` is this adapter's NAME: adapters.get only dispatches that)."""
-    return package_workspace(dst, REQUIREMENT, "torchtitan", "TorchTitan", "ATE_TORCHTITAN_SRC")[0]
+    return package_workspace(dst, REQUIREMENT, "torchtitan", "TorchTitan", "ATE_TORCHTITAN_SRC", NAME)[0]
 

@@ -42,6 +42,8 @@ class Task:
     memory_gb: float = 8.0
     gpus: int = 0  # GPUs the task needs: a run with fewer skips it
     gpus_optional: int = 0  # GPUs it uses when the run has them (its instruction says what changes), else CPU
+    framework_gpus: dict = field(default_factory=dict)  # GPUs it needs on some frameworks ({"torchtitan": 1}):
+    #   a baseline that cannot train on CPU
     read_only: bool = False
     network: bool = False
 
@@ -50,8 +52,10 @@ class Task:
         return f"{self.category}/{self.id}"
 
     def instruction(self, framework: str, workspace: str = WORKSPACE) -> str:
-        """instruction.md with `{framework}` / `{workspace}` filled in."""
-        text = (self.path / "instruction.md").read_text()
+        """instruction.md with `{framework}` / `{workspace}` filled in; instruction.gpu.md instead, where the task has
+        one, on a framework it needs a GPU for (its wording assumes a GPU)."""
+        gpu = self.path / "instruction.gpu.md"
+        text = (gpu if self.gpus_needed(framework) and gpu.is_file() else self.path / "instruction.md").read_text()
         return text.replace("{framework}", framework).replace("{workspace}", workspace)
 
     def setup_dir(self, framework: str) -> Path | None:
@@ -66,9 +70,14 @@ class Task:
     def tests_dir(self) -> Path:
         return self.path / "tests"
 
-    def gpus_for(self, available: int) -> int:
-        """How many GPUs a trial of this task gets in a run with `available` of them."""
-        return self.gpus or min(self.gpus_optional, available)
+    def gpus_needed(self, framework: str | None = None) -> int:
+        """GPUs a trial on `framework` cannot run without (a run with fewer skips the task)."""
+        base = framework if framework in self.framework_gpus else (framework or "").split("-")[0]
+        return max(self.gpus, self.framework_gpus.get(base, 0))
+
+    def gpus_for(self, available: int, framework: str | None = None) -> int:
+        """How many GPUs a trial of this task on `framework` gets in a run with `available` of them."""
+        return self.gpus_needed(framework) or min(self.gpus_optional, available)
 
 
 def load_task(path: Path) -> Task:
@@ -93,6 +102,10 @@ def load_task(path: Path) -> Task:
     for key in ("gpus", "gpus_optional"):
         if not isinstance(raw.get(key, 0), int) or raw.get(key, 0) < 0:
             raise HarnessError(f"{toml}: {key} must be a non-negative integer, got {raw[key]!r}")
+    gpus_by = raw.get("framework_gpus", {})
+    if not isinstance(gpus_by, dict) or any(k not in raw["frameworks"] or not isinstance(v, int) or v < 0
+                                            for k, v in gpus_by.items()):
+        raise HarnessError(f"{toml}: framework_gpus must map frameworks of the task to non-negative integers")
     return Task(path=path, **raw)
 
 

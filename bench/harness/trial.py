@@ -118,7 +118,7 @@ def run_trial(plan: TrialPlan, backend, gpu_pool: GpuPool, store) -> TrialRecord
     try:
         adapter = adapters.get(plan.framework)
         record.versions = {"framework": adapter.version()}
-        my_gpus = gpu_pool.acquire(task.gpus_for(len(gpu_pool)))
+        my_gpus = gpu_pool.acquire(task.gpus_for(len(gpu_pool), plan.framework))
         agent = get_agent(plan.agent)
         with tempfile.TemporaryDirectory(prefix="ate-ws-") as tmp:
             created = time.time()

@@ -19,13 +19,11 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # operate_lib.py, beside the task's tests
+from operate_lib import Fail, compare, read_trace  # noqa: E402
+
 STEPS = 4
 CONFIGS = ("tiny-deepseek-v2-lite", "small-deepseek-v2-lite")
-MAX_TIE_FLIPS = 0.005  # share of a step's tokens whose expert set may differ, and only at a near-tie
-
-
-class Fail(Exception):
-    """A problem with the agent's outputs: reward 0 with this reason."""
 
 
 def known_config(raw: dict, baseline: Path) -> str | None:
@@ -36,25 +34,6 @@ def known_config(raw: dict, baseline: Path) -> str | None:
         if to_dict(load_config(baseline / "configs" / f"{name}.toml"))["model"] == raw.get("model"):
             return name
     return None
-
-
-def read_trace(path: Path, shape: tuple) -> tuple:
-    """(expert_ids, gate_weights) of one step file, or raise ValueError saying what is wrong."""
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    for key, dtype in (("expert_ids", np.int32), ("gate_weights", np.float32)):
-        if key not in arrays:
-            raise ValueError(f"{path.name} has no array {key!r} (has {sorted(arrays)})")
-        a = arrays[key]
-        if a.dtype != dtype or a.shape != shape:
-            want = f"{np.dtype(dtype)}{list(shape)}"
-            raise ValueError(f"{path.name}: {key} is {a.dtype}{list(a.shape)}, expected {want}")
-    ids, weights = arrays["expert_ids"], arrays["gate_weights"]
-    if not np.isfinite(weights).all():
-        raise ValueError(f"{path.name}: gate_weights has non-finite values")
-    return ids, weights
 
 
 def recomputed(cfg, checkpoints: Path, steps: list[int]):
@@ -117,33 +96,6 @@ def recomputed(cfg, checkpoints: Path, steps: list[int]):
             parts.append([torch.stack(v) for v in (ids, weights, gaps)])
         yield step, tuple(torch.cat([p[i] for p in parts], dim=1).cpu().numpy() for i in range(3))
     par.close()
-
-
-def compare(mine: tuple, theirs: tuple, tie_gap: float, atol: float, rtol: float) -> tuple[dict, str]:
-    """Token-level agreement of expert sets (order within a token ignored) and of their gate weights."""
-    import numpy as np
-
-    ids, weights, gaps = mine
-    their_ids, their_weights = theirs
-    order, their_order = np.argsort(ids, axis=-1), np.argsort(their_ids, axis=-1)
-    ids, weights = np.take_along_axis(ids, order, -1), np.take_along_axis(weights, order, -1)
-    their_ids = np.take_along_axis(their_ids, their_order, -1)
-    their_weights = np.take_along_axis(their_weights, their_order, -1)
-    same = (ids == their_ids).all(-1)
-    flips = ~same
-    stats = {"tokens": int(same.size), "mismatched": int(flips.sum())}
-    if flips.any():
-        worst = float(gaps[flips].max())
-        stats["max_gap_at_mismatch"] = worst
-        if worst > tie_gap:
-            return stats, f"{int(flips.sum())} of {same.size} tokens routed to other experts (not near-ties)"
-        if flips.mean() > MAX_TIE_FLIPS:
-            return stats, f"{int(flips.sum())} of {same.size} tokens routed to other experts"
-    err = np.abs(weights[same] - their_weights[same])
-    stats["max_weight_err"] = float(err.max()) if err.size else 0.0
-    if (err > atol + rtol * np.abs(weights[same])).any():
-        return stats, f"gate weights differ from the recomputed ones by up to {stats['max_weight_err']:.3g}"
-    return stats, ""
 
 
 def check(ws: Path, baseline: Path, sub: dict) -> str:

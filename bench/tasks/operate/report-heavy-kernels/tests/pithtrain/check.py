@@ -16,14 +16,15 @@ Problems with the agent's files give reward 0 with a reason; a problem of this s
 exits non-zero.
 """
 
-import csv
 import json
 import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # operate_lib.py, beside the task's tests
+from operate_lib import check_kernels, read_csv  # noqa: E402
+
 PROFILED_STEP = 3
-HEADER = ["kernel_name", "total_time_ms", "instances", "mean_time_ms"]
 CONFIGS = ("tiny-deepseek-v2-lite", "small-deepseek-v2-lite")
 TOP_ANY, TOP_FIRST = 8, 3
 
@@ -36,42 +37,6 @@ def known_config(raw: dict, baseline: Path) -> str | None:
         if to_dict(load_config(baseline / "configs" / f"{name}.toml"))["model"] == raw.get("model"):
             return name
     return None
-
-
-def read_csv(path: Path, on_gpu: bool) -> tuple[list[tuple[str, float, int]], str]:
-    """The three rows as (name, total ms, instances), or a reason why the file is wrong."""
-    try:
-        with open(path, newline="") as f:
-            lines = list(csv.reader(f))
-    except FileNotFoundError:
-        return [], f"no {path}"
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        return [], f"{path.name} is unreadable ({type(e).__name__}: {e})"
-    lines = [row for row in lines if row]
-    if not lines or [c.strip() for c in lines[0]] != HEADER:
-        return [], f"{path.name}: header must be {','.join(HEADER)}"
-    if len(lines) != 4:
-        return [], f"{path.name}: expected exactly 3 rows, found {len(lines) - 1}"
-    rows = []
-    for n, row in enumerate(lines[1:], 2):
-        if len(row) != 4:
-            return [], f"{path.name}:{n}: expected 4 fields, found {len(row)}"
-        try:
-            name, total, count, mean = row[0].strip(), float(row[1]), int(row[2]), float(row[3])
-        except ValueError:
-            return [], f"{path.name}:{n}: total_time_ms and mean_time_ms must be numbers, instances an int"
-        if not name or not all(math.isfinite(v) and v > 0 for v in (total, mean)) or count < 1:
-            return [], f"{path.name}:{n}: needs a name, positive times and instances >= 1"
-        if abs(mean - total / count) > 1e-3 + 1e-3 * mean:
-            return [], f"{path.name}:{n}: mean_time_ms {mean} is not total_time_ms / instances"
-        if not on_gpu and not name.startswith("aten::"):
-            return [], f"{path.name}:{n}: {name!r} is not an aten op (on CPU the kernels are aten ops)"
-        rows.append((name, total, count))
-    if len({r[0] for r in rows}) != 3:
-        return [], f"{path.name}: a kernel is listed twice"
-    if any(a[1] < b[1] for a, b in zip(rows, rows[1:])):
-        return [], f"{path.name}: rows are not ordered by total_time_ms, largest first"
-    return rows, ""
 
 
 def own_profiles(cfg) -> tuple[list[dict], dict, dict]:
@@ -135,10 +100,6 @@ def own_profiles(cfg) -> tuple[list[dict], dict, dict]:
     return profiles, core, extra
 
 
-def ranked(profile: dict) -> list[str]:
-    return sorted(profile, key=lambda k: -profile[k][0])
-
-
 def check(ws: Path, baseline: Path, sub: dict) -> str:
     run = ws / "runs" / "profile"
     try:
@@ -171,21 +132,8 @@ def check(ws: Path, baseline: Path, sub: dict) -> str:
     if reason:
         return reason
     sub["reported"] = [[name[:80], count] for name, _, count in reported]
-    profiles, core, extra = own_profiles(cfg)
-    tops = [ranked(p) for p in profiles]
-    sub["ours_top"] = [[name[:80], core[name]] for name in tops[0][:TOP_ANY]]
-    for i, (name, _, count) in enumerate(reported):
-        if name not in core:
-            return f"{name[:80]!r} is not a kernel of a training step of this configuration"
-        if not any(name in top[:TOP_ANY] for top in tops):
-            return f"{name[:80]!r} is not among the {TOP_ANY} heaviest kernels of the step"
-        if i == 0 and not any(name in top[:TOP_FIRST] for top in tops):
-            return f"the reported heaviest, {name[:80]!r}, is not among the {TOP_FIRST} heaviest of the step"
-        low, high = core[name], core[name] + extra.get(name, 0)
-        if not low <= count <= high:
-            want = str(low) if low == high else f"{low}..{high}"
-            return f"{name[:80]!r} ran {want} times in one step, the CSV says {count}"
-    return ""
+    profiles, _, extra = own_profiles(cfg)
+    return check_kernels(reported, profiles, sub, TOP_ANY, TOP_FIRST, extra)
 
 
 def main() -> int:

@@ -1,0 +1,114 @@
+"""TorchTitan and Megatron-Core as operate-task frameworks, on CPU: each workspace's ate_run/ (TorchTitan's flavors
+equal to PithTrain's shapes; Megatron's configs are checked in test_megatron_launch.py), and the oracles of
+getting-started and collect-routing-trace run unchanged, then scored by the hidden verifiers; a wrong trace and a
+missing run score 0. Neither framework trains on CPU as shipped: TorchTitan's runs go through
+tests/torchtitan_cpu.py, Megatron's launch entry has its own CPU emulation (--device cpu). On the GPU the same
+oracles and verifiers run through bench.run (bench/results/suite-gpu-h100-*). report-heavy-kernels reports CUDA
+kernels, so only its failure path runs here. Skipped where a framework is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adapters
+from bench.harness.verifier import VERIFY_LIB
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = REPO / "bench" / "tasks" / "operate"
+INSTALLED = {"torchtitan": ("torchtitan", "datasets"), "megatron": ("megatron.core",)}
+FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(
+    not all(importlib.util.find_spec(m.split(".")[0]) for m in mods), reason=f"{fw} is not installed"))
+    for fw, mods in INSTALLED.items()]
+_templates: dict[str, Path] = {}
+
+
+@pytest.fixture(params=FRAMEWORKS)
+def ws(request, tmp_path_factory, tmp_path) -> tuple[str, Path]:
+    """(framework, a fresh copy of its workspace); the workspace is built once per framework."""
+    fw = request.param
+    if fw not in _templates:
+        _templates[fw] = adapters.get(fw).build(fw, tmp_path_factory.mktemp(fw) / "workspace")
+    shutil.copytree(_templates[fw], tmp_path / "workspace", symlinks=True)
+    return fw, tmp_path / "workspace"
+
+
+def solve(task: str, fw: str, ws: Path, tmp: Path) -> None:
+    python = sys.executable
+    if fw == "torchtitan":  # the oracles call $PYTHON (torchrun included): this interpreter, TorchTitan on CPU
+        python = tmp / "python-on-cpu"
+        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "torchtitan_cpu.py"}" "$@"\n')
+        python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1",
+           "ATE_WORKSPACE": str(ws), "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(["bash", str(TASKS / task / "solution" / fw / "solve.sh")], cwd=ws, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def verify(task: str, fw: str, ws: Path, tmp: Path) -> dict:
+    """The task's hidden test.sh, staged as the harness stages it (verify_lib beside the tests)."""
+    stage = tmp / f"verify-{len(list(tmp.glob('verify-*')))}"
+    shutil.copytree(TASKS / task / "tests", stage / "tests")
+    for f in VERIFY_LIB.glob("*.py"):
+        shutil.copy2(f, stage / "tests" / f.name)
+    (stage / "out").mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1",
+           "ATE_FRAMEWORK_BASE": fw, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(["bash", str(stage / "tests" / "test.sh"), str(ws), str(stage / "tests"), str(stage / "out")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads((stage / "out" / "reward.json").read_text())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchtitan") is None, reason="torchtitan is not installed")
+def test_torchtitan_flavors_are_pithtrains_shapes():
+    """ate_run's literal flavors equal what the throughput runner maps from PithTrain's configs."""
+    from adapters.torchtitan.ate_run import deepseek_v2_lite as spec
+    from adapters.torchtitan.throughput import build_model_args, load_pithtrain_config
+
+    for flavor, seq in (("tiny", 128), ("small", 4096)):
+        cfg = load_pithtrain_config("deepseek", str(REPO / "framework" / "configs" / f"{flavor}-deepseek-v2-lite.toml"))
+        mapped, _ = build_model_args(cfg["model"], seq)
+        assert dataclasses.asdict(spec.FLAVORS[flavor]) == dataclasses.asdict(mapped), flavor
+
+
+def test_getting_started_oracle_passes_and_null_fails(ws, tmp_path):
+    fw, ws = ws
+    assert verify("getting-started", fw, ws, tmp_path)["reward"] == 0.0  # nothing done yet
+    solve("getting-started", fw, ws, tmp_path)
+    rows = [json.loads(x) for x in (ws / "runs" / "smoke" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    result = verify("getting-started", fw, ws, tmp_path)
+    assert result["reward"] == 1.0, result
+    assert result["recomputed_loss"] < result["init_loss"]  # the checkpoint holds trained weights
+
+
+def test_collect_routing_trace_oracle_passes_and_a_wrong_trace_fails(ws, tmp_path):
+    fw, ws = ws
+    solve("collect-routing-trace", fw, ws, tmp_path)
+    result = verify("collect-routing-trace", fw, ws, tmp_path)
+    assert result["reward"] == 1.0, result
+    assert result["step_4"]["mismatched"] == 0 and result["trace_shape"] == [2, 8, 128, 2]
+    path = ws / "traces" / "step_0004.npz"
+    arrays = dict(np.load(path))
+    arrays["expert_ids"] = (arrays["expert_ids"] + 1) % 8  # every token to other experts
+    np.savez(path, **arrays)
+    result = verify("collect-routing-trace", fw, ws, tmp_path)
+    assert result["reward"] == 0.0 and "routed to other experts" in result["reason"], result
+
+
+def test_report_heavy_kernels_without_a_run_fails(ws, tmp_path):
+    fw, ws = ws
+    result = verify("report-heavy-kernels", fw, ws, tmp_path)
+    assert result["reward"] == 0.0 and "metrics.jsonl is missing" in result["reason"], result

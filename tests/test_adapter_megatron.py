@@ -37,23 +37,17 @@ def test_dry_run_matches_pithtrain_parameter_count(shape, tmp_path):
     assert "no Transformer Engine" in res["backend"] and res["notes"]
 
 
-def test_tiny_deepseek_trains_on_cpu(tmp_path):
-    """MLA, a dense first layer, shared experts and SequentialMLP through DDP, the DistributedOptimizer and the
-    no-pipelining schedule; loss starts near ln(vocab) for uniform random tokens."""
-    res = run("--shape", "deepseek", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
-              "--recompute", "selective", tmp_path=tmp_path)
-    assert res["params"] == res["pithtrain_params"]
-    assert res["skipped_steps"] == 0 and len(res["per_step"]) == 3
-    assert abs(res["loss_first"] - 8.32) < 0.2 and res["tokens_per_s"] > 0  # ln(4096) = 8.32
-
-
-def test_builtin_data_and_metrics_in_pithtrain_fields(tmp_path):
-    """The standard run spec: PithTrain's builtin corpus in its trainer's order, metrics.jsonl in its fields."""
+def test_tiny_deepseek_trains_on_cpu_on_builtin_data(tmp_path):
+    """MLA, a dense first layer, shared experts and SequentialMLP through DDP, the DistributedOptimizer, the
+    no-pipelining schedule and selective recompute; on the standard run spec's data (PithTrain's builtin corpus in its
+    trainer's order) with metrics.jsonl in PithTrain's fields. The loss starts near ln(vocab)."""
     metrics = tmp_path / "metrics.jsonl"
-    res = run("--shape", "deepseek", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--data", "builtin",
-              "--metrics", str(metrics), tmp_path=tmp_path)
+    res = run("--shape", "deepseek", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1",
+              "--recompute", "selective", "--data", "builtin", "--metrics", str(metrics), tmp_path=tmp_path)
+    assert res["params"] == res["pithtrain_params"]
+    assert res["skipped_steps"] == 0 and len(res["per_step"]) == 3 and res["tokens_per_s"] > 0
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert res["data"] == "builtin" and [r["step"] for r in rows] == [1, 2, 3]
     assert {"step", "loss", "grad_norm", "tokens_per_s", "step_time_s"} <= rows[0].keys()
     assert [r["loss"] for r in rows] == [r["loss"] for r in res["per_step"]]
-    assert abs(rows[0]["loss"] - 8.32) < 0.3  # ln(4096) at init, real text or not
+    assert abs(rows[0]["loss"] - 8.32) < 0.3  # ln(4096) = 8.32 at init, real text or not

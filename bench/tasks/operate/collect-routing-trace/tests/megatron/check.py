@@ -9,8 +9,8 @@ recomputed by the pristine launch entry: the model as the run's seed initialises
 checkpoint of step k-1 (checkpoints/iter_{k-1:07d}) for step k, fed step k's batch of the built-in data in the
 run's order, through the training forward (Float16Module, bf16). Step 1 and step 4 must be recomputable (the
 checkpoint of step 3 must exist); every other step whose preceding checkpoint exists is checked too. Each token's
-expert set must match (a token may differ only at a near-tie, at most 0.5% of them) and its gate weights match
-within bf16 rounding.
+expert set must match (a token may differ only at a near-tie, at most 2% of them: see MAX_NEAR_TIE_FLIPS) and its
+gate weights match within bf16 rounding.
 """
 
 import itertools
@@ -22,6 +22,12 @@ import megatron_probe as mp  # noqa: E402
 from operate_lib import Fail, compare, read_json, read_metrics, read_traces, run_check  # noqa: E402
 
 STEPS = 4
+# Megatron-Core's MoE forward is not deterministic on the GPU: the same weights and batch, run twice in one process
+# on an H100, routed 0 / 14 / 94 of 8,192 tokens differently in the three MoE layers of the small config (the first
+# MoE layer never differs; later ones inherit the float noise of the expert-output combine). So near-tie flips may
+# reach 2% of a step's tokens here (0.5% for the deterministic frameworks); a trace off by one step, in another token
+# order or of other weights differs in ~99% of them.
+MAX_NEAR_TIE_FLIPS = 0.02
 
 
 def check(ws: Path, baseline: Path, sub: dict) -> None:
@@ -55,7 +61,7 @@ def check(ws: Path, baseline: Path, sub: dict) -> None:
                 mp.load_weights(model, folder / f"iter_{step - 1:07d}")
             parts = [mp.routes(fmodel, x, y, dev) for x, y in micro]
             mine = tuple(np.concatenate([p[i] for p in parts], axis=1) for i in range(3))
-            stats, reason = compare(mine, got[step], 2e-2, 2e-2, 5e-2)  # bf16 parameters and activations
+            stats, reason = compare(mine, got[step], 2e-2, 2e-2, 5e-2, MAX_NEAR_TIE_FLIPS)
             sub[f"step_{step}"] = stats
             if reason:
                 raise Fail(f"step {step}: {reason}")

@@ -9,13 +9,12 @@ a finite loss on a fixed held-out batch of the built-in data, within a factor of
 Problems with the agent's files give reward 0 with a reason; a problem of this script itself exits non-zero.
 """
 
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # operate_lib.py, megatron_probe.py
 import megatron_probe as mp  # noqa: E402
-from operate_lib import Fail, read_json, read_metrics, run_check  # noqa: E402
+from operate_lib import check_recomputed_loss, read_json, read_metrics, run_check  # noqa: E402
 
 STEPS, BATCH = 5, 8
 
@@ -33,17 +32,11 @@ def check(ws: Path, baseline: Path, sub: dict) -> None:
     with pg.device_mode(dev):
         model, fmodel = mp.forward_model(cfg, dev)
         x, y = data.samples(range(BATCH), cfg["train"]["seq_length"], "val")
-        sub["init_loss"] = round(mp.loss(fmodel, x, y, dev), 4)  # a fresh model: shows the checkpoint trained
+        init_loss = mp.loss(fmodel, x, y, dev)
         mp.load_weights(model, run / "checkpoints" / f"iter_{STEPS:07d}")
         loss = mp.loss(fmodel, x, y, dev)
         pg.teardown_world()
-    sub["recomputed_loss"] = round(loss, 4) if math.isfinite(loss) else str(loss)
-    if not math.isfinite(loss):
-        raise Fail(f"the checkpoint gives a non-finite loss ({loss})")
-    ratio = loss / losses[-1] if losses[-1] > 0 else math.inf
-    sub["loss_ratio"] = round(ratio, 4)
-    if not 0.5 <= ratio <= 2.0:
-        raise Fail(f"recomputed loss {loss:.4f} is not of the order of the logged last loss {losses[-1]:.4f}")
+    check_recomputed_loss(sub, losses[-1], init_loss, loss)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ a finite loss on a fixed held-out batch of the built-in data, within a factor of
 Problems with the agent's files give reward 0 with a reason; a problem of this script itself exits non-zero.
 """
 
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # operate_lib.py, torchtitan_probe.py
 import torchtitan_probe as tt  # noqa: E402
-from operate_lib import Fail, read_json, read_metrics, run_check  # noqa: E402
+from operate_lib import check_recomputed_loss, read_json, read_metrics, run_check  # noqa: E402
 
 STEPS, BATCH = 5, 8
 
@@ -38,17 +37,10 @@ def check(ws: Path, baseline: Path, sub: dict) -> None:
     x, y = (t.to(device) for t in data.samples(range(BATCH), config.training.seq_len, "val"))
     loss_of = lambda: F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item()  # noqa: E731
     with torch.no_grad():
-        sub["init_loss"] = round(loss_of(), 4)  # a fresh model on the same batch: shows the checkpoint trained
+        init_loss = loss_of()
         folder = run / str((raw.get("checkpoint") or {}).get("folder", "checkpoint"))
         tt.load_weights(model, folder / f"step-{STEPS}")
-        loss = loss_of()
-    sub["recomputed_loss"] = round(loss, 4) if math.isfinite(loss) else str(loss)
-    if not math.isfinite(loss):
-        raise Fail(f"the checkpoint gives a non-finite loss ({loss})")
-    ratio = loss / losses[-1] if losses[-1] > 0 else math.inf
-    sub["loss_ratio"] = round(ratio, 4)
-    if not 0.5 <= ratio <= 2.0:
-        raise Fail(f"recomputed loss {loss:.4f} is not of the order of the logged last loss {losses[-1]:.4f}")
+        check_recomputed_loss(sub, losses[-1], init_loss, loss_of())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""task.toml's per-framework GPU requirement (framework_gpus) and the GPU wording of an instruction
-(instruction.gpu.md), as bench.run and the trial runner use them."""
+"""task.toml's per-framework GPU requirement (framework_gpus) and the instruction a framework gets
+(instruction.<framework>.md, instruction.gpu.md, instruction.md), as bench.run and the trial runner use them."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def test_framework_gpus_need_a_gpu_only_on_those_frameworks(tmp_path):
     assert task.gpus_for(2, "torchtitan") == 1
     assert task.instruction("pithtrain", "/ws") == "Run pithtrain on CPU in /ws.\n"
     assert task.instruction("torchtitan", "/ws") == "Run torchtitan on the GPU in /ws.\n"
+
+
+def test_a_framework_s_own_instruction_comes_first(tmp_path):
+    task = load_task(task_folder(tmp_path, 'id = "t"\ncategory = "feature"\nframeworks = ["pithtrain", "megatron"]\n'
+                                           'framework_gpus = {megatron = 1}\n', "Run {framework} on the GPU.\n"))
+    (tmp_path / "instruction.megatron.md").write_text("Set moe_router_gating in {workspace}.\n")
+    assert task.instruction("megatron", "/ws") == "Set moe_router_gating in /ws.\n"
+    assert task.instruction("pithtrain-noskills", "/ws") == "Run pithtrain-noskills on CPU in /ws.\n"
+    assert task.base("pithtrain-noskills") == "pithtrain" and task.base("megatron") == "megatron"
 
 
 @pytest.mark.parametrize("value", ['{megatron = 1}', '{torchtitan = -1}', '{torchtitan = "one"}', '1'])

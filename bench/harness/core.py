@@ -51,12 +51,18 @@ class Task:
     def name(self) -> str:
         return f"{self.category}/{self.id}"
 
+    def base(self, framework: str) -> str:
+        """The name the task's files use for `framework` (pithtrain-noskills -> pithtrain)."""
+        return framework if framework in self.frameworks else framework.split("-")[0]
+
     def instruction(self, framework: str, workspace: str = WORKSPACE) -> str:
-        """instruction.md with `{framework}` / `{workspace}` filled in; instruction.gpu.md instead, where the task has
-        one, on a framework it needs a GPU for (its wording assumes a GPU)."""
-        gpu = self.path / "instruction.gpu.md"
-        text = (gpu if self.gpus_needed(framework) and gpu.is_file() else self.path / "instruction.md").read_text()
-        return text.replace("{framework}", framework).replace("{workspace}", workspace)
+        """The task's instruction with `{framework}` / `{workspace}` filled in: instruction.<framework>.md where the
+        task has one (a feature's interface in that framework's own terms), else instruction.gpu.md on a framework
+        it needs a GPU for (its wording assumes a GPU), else instruction.md."""
+        own, gpu = self.path / f"instruction.{self.base(framework)}.md", self.path / "instruction.gpu.md"
+        if not own.is_file():
+            own = gpu if self.gpus_needed(framework) and gpu.is_file() else self.path / "instruction.md"
+        return own.read_text().replace("{framework}", framework).replace("{workspace}", workspace)
 
     def setup_dir(self, framework: str) -> Path | None:
         d = self.path / "setup" / framework
@@ -72,8 +78,7 @@ class Task:
 
     def gpus_needed(self, framework: str | None = None) -> int:
         """GPUs a trial on `framework` cannot run without (a run with fewer skips the task)."""
-        base = framework if framework in self.framework_gpus else (framework or "").split("-")[0]
-        return max(self.gpus, self.framework_gpus.get(base, 0))
+        return max(self.gpus, self.framework_gpus.get(self.base(framework or ""), 0))
 
     def gpus_for(self, available: int, framework: str | None = None) -> int:
         """How many GPUs a trial of this task on `framework` gets in a run with `available` of them."""

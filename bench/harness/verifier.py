@@ -50,11 +50,6 @@ def harness_dir(sandbox: Sandbox) -> str:
     return d
 
 
-def framework_base(task: Task, framework: str) -> str:
-    """The name the task's files use for `framework` (pithtrain-noskills -> pithtrain), as discover_tasks."""
-    return framework if framework in task.frameworks else framework.split("-")[0]
-
-
 def baseline_workspace(task: Task, framework: str) -> Path | None:
     """A host copy of the workspace the agent started from (built once per framework and task setup)."""
     import adapters
@@ -63,7 +58,7 @@ def baseline_workspace(task: Task, framework: str) -> Path | None:
         adapter = adapters.get(framework)
     except ValueError:
         return None
-    setup = task.setup_dir(framework) or task.setup_dir(framework_base(task, framework))
+    setup = task.setup_dir(framework) or task.setup_dir(task.base(framework))
     key = f"{framework}:{setup}"
     if key not in _baselines:
         root = Path(tempfile.mkdtemp(prefix="ate-baseline-"))
@@ -96,7 +91,7 @@ def run_verifier(task: Task, framework: str, sandbox: Sandbox, final_message: st
             (stage / "out").mkdir()
             sandbox.exec(f"rm -rf {q(vdir)}", timeout=60, as_agent=False)
             sandbox.copy_in(stage, vdir)
-        env = {"ATE_TASK": task.name, "ATE_FRAMEWORK": framework, "ATE_FRAMEWORK_BASE": framework_base(task, framework),
+        env = {"ATE_TASK": task.name, "ATE_FRAMEWORK": framework, "ATE_FRAMEWORK_BASE": task.base(framework),
                "ATE_ANSWER": f"{vdir}/answer.md", "PYTHONDONTWRITEBYTECODE": "1"}
         baseline = baseline_workspace(task, framework)
         if baseline is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.harness import qa_keys
 from bench.harness.core import AgentContext, AgentResult, Event
-from bench.harness.verifier import framework_base, harness_dir
+from bench.harness.verifier import harness_dir
 
 
 class OracleAgent:
@@ -26,7 +26,7 @@ class OracleAgent:
     def run(self, ctx: AgentContext) -> AgentResult:
         start = time.time()
         res = AgentResult(exit_code=0, events=[Event(start, "agent_start")])
-        sol = ctx.task.solution_dir(ctx.framework) or ctx.task.solution_dir(framework_base(ctx.task, ctx.framework))
+        sol = ctx.task.solution_dir(ctx.framework) or ctx.task.solution_dir(ctx.task.base(ctx.framework))
         solve, answer = (sol / "solve.sh", sol / "answer.md") if sol else (None, None)
         if sol is None or not (solve.is_file() or answer.is_file()):
             res.exit_code, res.error = 1, f"oracle: {ctx.task.name} has no solution/{ctx.framework}/solve.sh or answer.md"

@@ -1,4 +1,4 @@
-"""Verifier of a PithTrain feature task: the hidden property tests and the pristine framework's own tests,
+"""Verifier of a feature task: the hidden property tests and (on PithTrain) the pristine framework's own tests,
 run on the agent's workspace.
 
     python feature_pytest.py <workspace> <pristine framework> <reward.json> <scratch folder> <task tests folder>
@@ -9,7 +9,9 @@ Three pytest runs at once, each a child process with the workspace first on the 
   props     test_*.py of the task's tests folder, except those marked e2e: the feature's properties on tiny inputs
   e2e       the tests marked e2e: a short training run with the feature on; with it off, the tiny models
             against the pristine framework's (parameters, logits, losses, gradients)
-  baseline  BASELINE_TESTS of the pristine framework's tests/, against the agent's code
+  baseline  BASELINE_TESTS of the pristine framework's tests/, against the agent's code (PithTrain only: the
+            baselines' registry packages ship no tests)
+The framework is $ATE_FRAMEWORK_BASE (default pithtrain); the tests read it to pick their probe.
 Reward 1 when every test of every run passed (and each run collected tests); the sub-scores count them and
 name the failures. The agent's code breaking or hanging a run is its failure (reward 0); a problem of this
 script itself exits non-zero.
@@ -63,7 +65,9 @@ def main() -> int:
     runs = {
         "props": [*tests, "-m", "not e2e", "-c", str(work / "pytest.ini")],
         "e2e": [*tests, "-m", "e2e", "-c", str(work / "pytest.ini")],
-        "baseline": [
+    }
+    if os.environ.get("ATE_FRAMEWORK_BASE", "pithtrain") == "pithtrain":
+        runs["baseline"] = [
             *(str(base / t) for t in BASELINE_TESTS),
             "-c",
             str(base / "pyproject.toml"),
@@ -71,8 +75,7 @@ def main() -> int:
             str(base),
             "-o",
             "addopts=",
-        ],
-    }
+        ]
     procs = {}
     for name, args in runs.items():
         cmd = [

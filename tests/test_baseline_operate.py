@@ -1,7 +1,7 @@
 """TorchTitan and Megatron-Core as operate-task frameworks, on CPU: each workspace's ate_run/ (TorchTitan's flavors
 equal to PithTrain's shapes; Megatron's configs are checked in test_megatron_launch.py), and the oracles of
-getting-started and collect-routing-trace run unchanged, then scored by the hidden verifiers; a wrong trace and a
-missing run score 0. Neither framework trains on CPU as shipped: TorchTitan's runs go through
+getting-started, collect-routing-trace and train-and-evaluate run unchanged, then scored by the hidden verifiers; a
+wrong trace, a wrong export and a missing run score 0. Neither framework trains on CPU as shipped: TorchTitan's runs go through
 tests/torchtitan_cpu.py, Megatron's launch entry has its own CPU emulation (--device cpu). On the GPU the same
 oracles and verifiers run through bench.run (bench/results/suite-gpu-h100-*). report-heavy-kernels reports CUDA
 kernels, so only its failure path runs here. Skipped where a framework is not installed.
@@ -105,6 +105,23 @@ def test_collect_routing_trace_oracle_passes_and_a_wrong_trace_fails(ws, tmp_pat
     np.savez(path, **arrays)
     result = verify("collect-routing-trace", fw, ws, tmp_path)
     assert result["reward"] == 0.0 and "routed to other experts" in result["reason"], result
+
+
+def test_train_and_evaluate_oracle_passes_and_a_wrong_export_fails(ws, tmp_path):
+    """TorchTitan's own exporter (checkpoint.last_save_in_hf) and our Megatron converter give exports whose logits
+    are the checkpoint's. An export whose config.json is off (another RoPE base, which moves the tiny model's logits
+    by only 2e-4) is caught by those logits; checked on Megatron, where the agent writes the converter."""
+    fw, ws = ws
+    solve("train-and-evaluate", fw, ws, tmp_path)
+    result = verify("train-and-evaluate", fw, ws, tmp_path)
+    assert result["reward"] == 1.0, result
+    assert result["export_logit_err"] < 1e-5 and result["perplexity"] < 2048, result
+    if fw != "megatron":
+        return
+    config = ws / "export" / "hf" / "config.json"
+    config.write_text(config.read_text().replace('"rope_theta": 10000.0', '"rope_theta": 20000.0'))
+    result = verify("train-and-evaluate", fw, ws, tmp_path)
+    assert result["reward"] == 0.0 and "logits differ" in result["reason"], result
 
 
 def test_report_heavy_kernels_without_a_run_fails(ws, tmp_path):  # the null agent's outcome

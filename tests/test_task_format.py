@@ -50,7 +50,7 @@ def test_bad_framework_gpus_are_refused_naming_the_key(tmp_path, value):
 
 
 def test_operate_tasks_on_the_baselines_need_a_gpu_and_are_skipped_without():
-    for name in ("getting-started", "collect-routing-trace", "report-heavy-kernels"):
+    for name in ("getting-started", "collect-routing-trace", "report-heavy-kernels", "train-and-evaluate"):
         (task,) = discover_tasks([name])
         assert {"torchtitan", "megatron"} <= set(task.frameworks)
         assert task.gpus_needed("torchtitan") == task.gpus_needed("megatron") == 1 and not task.gpus_needed("pithtrain")

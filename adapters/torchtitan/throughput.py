@@ -95,19 +95,16 @@ def build_model_args(model: dict, seq_len: int) -> tuple[object, list[str]]:
         raise ValueError("router.expert_bias is not mapped (TorchTitan's bias is driven by load_balance_coeff)")
     if r.pop("z_loss_coef"):
         notes.append("router z-loss: TorchTitan 0.2.2 has none; PithTrain's z_loss_coef is dropped")
-    lb = r.pop("lb_loss_coef")
     notes.append(
-        f"load balance: TorchTitan 0.2.2 has no auxiliary balance loss; its aux-loss-free expert-bias update "
-        f"(bias += coeff * sign(mean load - load) before each optimizer step, selection only) is used with "
-        f"coeff = PithTrain's lb_loss_coef ({lb}) for both shapes, via build_optimizers_with_moe_load_balancing "
-        f"(TorchTitan's own qwen3 spec never updates the bias). PithTrain adds lb_loss_coef * Switch loss "
-        f"({r['lb_loss_level']}) instead. With routing=balanced the loads are equal and the bias stays 0"
+        f"load balance: none. TorchTitan 0.2.2 has no auxiliary balance loss, and its aux-loss-free expert bias "
+        f"changes which experts a token selects, which DeepSeek-V2 (and its Hugging Face model) does not; "
+        f"PithTrain's lb_loss_coef ({r.pop('lb_loss_coef')}) * Switch loss ({r['lb_loss_level']}) is dropped"
     )
     r.pop("lb_loss_level"), r.pop("bias_update_rate"), r.pop("force_balanced")
     moe = MoEArgs(
         num_experts=r.pop("num_experts"), num_shared_experts=m.pop("n_shared_experts", 0), top_k=r.pop("top_k"),
         score_func=r.pop("score_func"), route_norm=r.pop("norm_topk_prob"),
-        route_scale=r.pop("routed_scaling_factor"), score_before_experts=False, load_balance_coeff=lb or None,
+        route_scale=r.pop("routed_scaling_factor"), score_before_experts=False, load_balance_coeff=None,
     )
     if r:
         raise ValueError(f"model.router keys not mapped to TorchTitan: {sorted(r)}")

@@ -31,7 +31,8 @@ NAME = "deepseek_v2_lite"
 # DeepSeek-V2-Lite layer shapes: softmax top-k routing without renormalisation, 2 shared experts, one dense layer
 # first, MLA without q compression, YaRN RoPE. TorchTitan stretches RoPE only when seq_len > original_seq_len, so
 # original_seq_len is seq_len - 1 (YaRN on, as in PithTrain); TorchTitan's ramp rounding keeps the same frequencies.
-# load_balance_coeff drives TorchTitan's auxiliary-loss-free expert-bias update (it has no auxiliary loss).
+# No load balancing (load_balance_coeff None): TorchTitan has no auxiliary loss, and its expert bias would change
+# which experts a token selects, which DeepSeek-V2 does not.
 FLAVORS = {
     "tiny": DeepSeekV3ModelArgs(
         vocab_size=4096, dim=64, inter_dim=192, moe_inter_dim=48, n_layers=3, n_dense_layers=1, n_heads=4,
@@ -39,7 +40,7 @@ FLAVORS = {
         max_seq_len=128, original_seq_len=127, rope_theta=10000.0, rope_factor=4.0, beta_fast=32, beta_slow=1,
         mscale=0.707, attn_type="sdpa", attn_mask_type="causal",
         moe_args=MoEArgs(num_experts=8, num_shared_experts=2, top_k=2, score_func="softmax", route_norm=False,
-                         route_scale=1.0, score_before_experts=False, load_balance_coeff=0.01),
+                         route_scale=1.0, score_before_experts=False, load_balance_coeff=None),
     ),
     "small": DeepSeekV3ModelArgs(
         vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=4, n_dense_layers=1, n_heads=16,
@@ -47,7 +48,7 @@ FLAVORS = {
         max_seq_len=4096, original_seq_len=4095, rope_theta=10000.0, rope_factor=40.0, beta_fast=32, beta_slow=1,
         mscale=0.707, attn_type="sdpa", attn_mask_type="causal",
         moe_args=MoEArgs(num_experts=64, num_shared_experts=2, top_k=6, score_func="softmax", route_norm=False,
-                         route_scale=1.0, score_before_experts=False, load_balance_coeff=0.001),
+                         route_scale=1.0, score_before_experts=False, load_balance_coeff=None),
     ),
 }
 

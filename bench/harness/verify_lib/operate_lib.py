@@ -214,3 +214,71 @@ def check_kernels(reported: list, profiles: list[dict], sub: dict, top_any: int 
             want = str(low) if low == high else f"{low}..{high}"
             return f"{name[:80]!r} ran {want} times in one step, the CSV says {count}"
     return ""
+
+
+# ---- train-and-evaluate: the agent's Hugging Face export and its perplexity ----
+
+EVAL_WINDOWS, EVAL_LENGTH = 16, 128  # windows 0..15 of the val stream, 128 (+1) tokens each
+PPL_RTOL = 0.02
+# Relative to the logits' scale. A float32 export and the framework's model agree to ~1e-6 (CPU and H100, all three
+# frameworks); a wrong RoPE base in the export's config.json moves the tiny Megatron model's logits by only 2e-4.
+LOGIT_TOL = 1e-4
+
+
+def read_eval_report(ws: Path) -> tuple[float, Path]:
+    """(reported perplexity, export folder) from results/eval.json; raises Fail saying what is wrong."""
+    path = ws / "results" / "eval.json"
+    try:
+        report = json.loads(path.read_text())
+        ppl, tokens, export = report["perplexity"], report["num_tokens"], report["export_dir"]
+    except FileNotFoundError:
+        raise Fail(f"no {path}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise Fail(f"{path.name} is malformed ({type(e).__name__}: {e})") from None
+    if isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) or ppl < 1:
+        raise Fail(f"{path.name}: perplexity must be a finite number >= 1, got {ppl!r}")
+    if tokens != EVAL_WINDOWS * EVAL_LENGTH or isinstance(tokens, bool):
+        raise Fail(f"{path.name}: num_tokens must be {EVAL_WINDOWS * EVAL_LENGTH}, got {tokens!r}")
+    folder = Path(export) if Path(str(export)).is_absolute() else ws / str(export)
+    if not (folder / "config.json").is_file():
+        raise Fail(f"{path.name}: export_dir {export!r} holds no config.json")
+    return float(ppl), folder
+
+
+def hf_perplexity(export: Path, x, y, device: str):
+    """(the export as transformers loads it: float32, no remote code; its perplexity on windows x -> y [W, S])."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds for a folder it cannot read
+        raise Fail(f"transformers cannot load {export} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    hf = hf.to(device).eval()
+    nll = 0.0
+    with torch.no_grad():
+        for xi, yi in zip(x, y):
+            logits = hf(input_ids=xi[None].to(device)).logits[0].float()
+            nll += F.cross_entropy(logits, yi.to(device), reduction="sum").item()
+    return hf, math.exp(nll / y.numel())
+
+
+def check_export(sub: dict, hf, framework_logits, x, reported: float, ppl: float, vocab: int, step: int) -> None:
+    """The export's logits on the token ids x [B, S] against the framework's model loaded from the step's checkpoint
+    (`framework_logits(x)`), the reported perplexity against ours, and ours well below the vocabulary size (the model
+    trained); raises Fail for the first that does not hold."""
+    import torch
+
+    with torch.no_grad():
+        want = framework_logits(x).float()
+        got = hf(input_ids=x.to(want.device)).logits.float()
+    err = (want - got).abs().max().item() / (1.0 + want.abs().max().item())
+    sub["perplexity"], sub["vocab_size"] = round(ppl, 4), vocab
+    sub["export_logit_err"] = float(f"{err:.3g}")
+    if not err <= LOGIT_TOL:
+        raise Fail(f"the export's logits differ from the step-{step} checkpoint's (rel. error {err:.3g})")
+    if abs(reported - ppl) > PPL_RTOL * ppl:
+        raise Fail(f"reported perplexity {reported:.3f} differs from the export's {ppl:.3f} by over 2%")
+    if not ppl < vocab / 2:
+        raise Fail(f"perplexity {ppl:.1f} is not well below the vocabulary size {vocab}")

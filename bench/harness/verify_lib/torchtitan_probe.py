@@ -74,20 +74,34 @@ def build_model(config, device: str):
     return model, args
 
 
-def load_weights(model, path: Path) -> None:
-    """The model's weights (and persistent buffers, e.g. the MoE expert bias) from a TorchTitan DCP checkpoint."""
+def load_weights(model, path: Path, args=None) -> None:
+    """The model's weights (and persistent buffers) from a TorchTitan checkpoint: DCP, or the Hugging Face safetensors
+    TorchTitan's exporter writes (checkpoint.last_save_in_hf; read back through the spec's state-dict adapter, which
+    needs the model `args`)."""
     import torch
     import torch.distributed.checkpoint as dcp
 
-    if not (path / ".metadata").is_file():
+    hf_files = sorted(path.glob("*.safetensors")) if args is not None and path.is_dir() else []
+    if not (path / ".metadata").is_file() and not hf_files:
         raise Fail(f"no complete checkpoint at {path}")
     state = model.state_dict()
     try:
-        with torch.no_grad():
-            dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises many kinds for a checkpoint that does not fit the model
+        if (path / ".metadata").is_file():
+            with torch.no_grad():
+                dcp.load(state, checkpoint_id=str(path))
+        else:
+            from safetensors.torch import load_file
+            from torchtitan.protocols import train_spec as ts
+
+            hf = {k: v for f in hf_files for k, v in load_file(f).items()}
+            weights = ts.get_train_spec(SPEC).state_dict_adapter(args, None).from_hf(hf)
+            missing = sorted(k for k, _ in model.named_parameters() if k not in weights)
+            if missing:
+                raise KeyError(f"no weight for {missing[0]} (and {len(missing) - 1} more)")
+            state.update(weights)
+        model.load_state_dict(state)
+    except Exception as e:  # DCP and the adapter raise many kinds for a checkpoint that does not fit the model
         raise Fail(f"checkpoint {path.name} does not load into the run's model ({type(e).__name__}: {e})") from None
-    model.load_state_dict(state)
 
 
 def autocast(config, device: str):

@@ -15,5 +15,6 @@ fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
 case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
   pithtrain) exec "$PY" "$TESTS/pithtrain/check.py" "$WS" "$BASE" "$OUT/reward.json" ;;
+  torchtitan|megatron) exec "$PY" "$TESTS/$ATE_FRAMEWORK_BASE/check.py" "$WS" "$BASE" "$OUT/reward.json" ;;
   *) echo "train-and-evaluate: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac

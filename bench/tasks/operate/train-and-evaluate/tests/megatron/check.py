@@ -52,7 +52,7 @@ def check(ws: Path, baseline: Path, sub: dict) -> None:
     fp32 = {"bf16": False, "params_dtype": torch.float32, "pipeline_dtype": torch.float32}
     import ate_run.pretrain_gpt as pg
 
-    model = pg.build_model({**cfg, "model": {**cfg["model"], **fp32}}, dev)
+    model = pg.build_model({**cfg, "model": {**cfg["model"], **fp32}}, dev).to(dev)
     mp.load_weights(model, run / "checkpoints" / f"iter_{STEPS:07d}")
     model.eval()
 

@@ -189,6 +189,7 @@ def test_short_training_run_learns_and_logs_active_experts(tmp_path):
     """STEPS steps of the tiny config with top-any gating through the workspace's launch entry: finite, decreasing
     loss, and `active_experts` per MoE layer on every metrics row, equal to what the run's routers returned (the
     probe records every router output of the run with a forward hook)."""
+    assert probe.configured_gating("top_any") == "top_any"  # else the run cannot have the feature on
     rows, seen = probe.train(tmp_path / "run", STEPS)
     losses = [row["loss"] for row in rows]
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1)), [row["step"] for row in rows]
@@ -205,8 +206,9 @@ def test_short_training_run_learns_and_logs_active_experts(tmp_path):
 
 @pytest.mark.e2e
 def test_feature_off_model_unchanged(tmp_path):
-    """Defaults give the pristine framework's tiny model: same parameters, logits, loss and gradients."""
-    base, ws = probe.dump_both(BASE, WS, tmp_path)
+    """Defaults give the pristine framework's tiny model: same parameters, logits, loss and gradients (the pristine
+    one in a process of its own, the workspace's in this one)."""
+    base, ws = probe.dump_pristine(BASE, tmp_path / "base.pt"), probe.dump()
     assert base["shapes"] == ws["shapes"]
     for key in ("logits", "loss"):
         assert torch.allclose(base[key], ws[key], atol=1e-5), key

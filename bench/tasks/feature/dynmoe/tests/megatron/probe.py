@@ -19,6 +19,15 @@ import torch
 
 KEY = "moe_router_gating"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The probe's models and run leave Megatron's torch.compile'd fusions (SwiGLU, bias-dropout-add) off: compiling
+# them costs more than the tiny runs, and the feature does not touch them.
+NO_FUSION = {"bias_activation_fusion": False, "bias_dropout_fusion": False}
+
+
+def _clean_env() -> dict:
+    """os.environ for a child process, less the rendezvous of this one's process group (its port is taken)."""
+    own = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    return {k: v for k, v in os.environ.items() if k not in own}
 
 
 def package_root() -> Path:
@@ -161,7 +170,7 @@ def tiny_model() -> dict:
     in canonical terms."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    model, fmodel = _forward_model(_tiny({"model": {KEY: "top_any"}}))
+    model, fmodel = _forward_model(_tiny({"model": {KEY: "top_any", **NO_FUSION}}))
     routers = [(name, m) for name, m in model.named_modules() if isinstance(m, TopKRouter)]
     thresholds = {name: m.threshold.detach().float().cpu().clone() for name, m in routers}
     pairs = []
@@ -181,7 +190,7 @@ def train(run: Path, steps: int):
     MoE layer, from the router outputs of the run)."""
     ws, base = Path(os.environ["ATE_WS"]), Path(os.environ["ATE_BASE"])
     run.mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1"}
+    env = {**_clean_env(), "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, __file__, "train", run / "out", steps, base / "ate_run" / "tiny.toml"]
     with open(run / "train.log", "w") as log:
         r = subprocess.run(list(map(str, args)), cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400)
@@ -192,26 +201,22 @@ def train(run: Path, steps: int):
     return rows, seen
 
 
-def dump_both(base: Path, ws: Path, tmp: Path):
-    """The feature-off tiny model's outputs from the pristine framework and from the workspace."""
-    procs = {}
-    for label, root in (("base", base), ("ws", ws)):
-        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-        args = [sys.executable, __file__, "dump", base / "ate_run" / "tiny.toml", tmp / f"{label}.pt"]
-        procs[label] = subprocess.Popen(list(map(str, args)), cwd=root, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    for label, p in procs.items():
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"{label}: {out[-2000:]}"
-    return tuple(torch.load(tmp / f"{label}.pt") for label in ("base", "ws"))
+def dump_pristine(base: Path, out: Path) -> dict:
+    """dump() of the pristine framework, in a process with it first on PYTHONPATH."""
+    env = {**_clean_env(), "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, __file__, "dump", str(base / "ate_run" / "tiny.toml"), str(out)], cwd=base,
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    if r.returncode != 0:  # the pristine framework failing is a bug of the verifier, not the agent's
+        raise RuntimeError(f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}")
+    return torch.load(out)
 
 
 # ---- script side ----
 
 
 def _train_main(out: str, steps: str, toml: str) -> None:
-    """The launch entry's main in this process on a copy of the config with top-any gating and batch 4 x 64,
-    each training router call recorded."""
+    """The launch entry's main in this process on a copy of the config with top-any gating, batch 4 x 64 and
+    NO_FUSION, each training router call recorded."""
     import runpy
 
     from megatron.core.transformer.moe.router import TopKRouter
@@ -219,7 +224,8 @@ def _train_main(out: str, steps: str, toml: str) -> None:
     text = Path(toml).read_text()
     for key, value in (("micro_batch_size", 4), ("global_batch_size", 4), ("seq_length", 64)):
         text = re.sub(rf"^{key} = \d+", f"{key} = {value}", text, count=1, flags=re.M)
-    text = text.replace("[model]\n", f'[model]\n{KEY} = "top_any"\n', 1)
+    extra = "".join(f"{k} = {str(v).lower()}\n" for k, v in NO_FUSION.items())
+    text = text.replace("[model]\n", f'[model]\n{KEY} = "top_any"\n{extra}', 1)
     config = Path(out).parent / "tiny-top-any.toml"
     config.write_text(text)
     calls = []
@@ -237,16 +243,22 @@ def _train_main(out: str, steps: str, toml: str) -> None:
         (Path(out).parent / "routers.json").write_text(json.dumps(calls))
 
 
-def _dump_main(toml: str, out: str) -> None:
+def dump(toml: Path | None = None) -> dict:
+    """The feature-off tiny model (the config as shipped, fusions off) of the framework on the path: its state
+    shapes, and the per-token losses and gradients of a training forward and backward on fixed tokens."""
     pg = _entry()
-    model, fmodel = _forward_model(pg.load_config(toml, {"device": DEVICE}))
+    toml = toml or Path(os.environ["ATE_BASE"]) / "ate_run" / "tiny.toml"
+    model, fmodel = _forward_model(pg.load_config(toml, {"device": DEVICE, "model": NO_FUSION}))
     x, y, pos = _batch()
     losses = fmodel(x, pos, None, labels=y).float()
     losses.mean().backward()
-    torch.save({"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items() if hasattr(p, "shape")},
-                "logits": losses.detach().cpu(), "loss": losses.mean().detach().cpu(),
-                "grads": {k: p.grad.float().cpu() for k, p in model.named_parameters() if p.grad is not None}},
-               out)  # fmt: skip
+    return {"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items() if hasattr(p, "shape")},
+            "logits": losses.detach().cpu(), "loss": losses.mean().detach().cpu(),
+            "grads": {k: p.grad.float().cpu() for k, p in model.named_parameters() if p.grad is not None}}  # fmt: skip
+
+
+def _dump_main(toml: str, out: str) -> None:
+    torch.save(dump(Path(toml)), out)
 
 
 if __name__ == "__main__":

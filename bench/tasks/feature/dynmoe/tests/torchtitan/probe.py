@@ -36,6 +36,12 @@ def _cpu_histc() -> None:
 _cpu_histc()
 
 
+def _clean_env() -> dict:
+    """os.environ for a child process, less the rendezvous of this one's process group (its port is taken)."""
+    own = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    return {k: v for k, v in os.environ.items() if k not in own}
+
+
 def package_root() -> Path:
     import torchtitan
 
@@ -165,7 +171,7 @@ def _run(args: list, cwd: Path, root: Path, log: Path, timeout: int) -> subproce
     """This file as a script under ATE_TRAIN_PYTHON (a wrapper that makes TorchTitan train on CPU, for CI) or this
     interpreter, with `root` first on PYTHONPATH."""
     python = os.environ.get("ATE_TRAIN_PYTHON") or sys.executable
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = {**_clean_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
         return subprocess.run([python, __file__, *map(str, args)], cwd=cwd, env=env, stdout=out,
                               stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
@@ -186,19 +192,14 @@ def train(run: Path, steps: int):
     return rows, seen
 
 
-def dump_both(base: Path, ws: Path, tmp: Path):
-    """The feature-off tiny model's outputs from the pristine framework and from the workspace."""
-    procs = {}
-    for label, root in (("base", base), ("ws", ws)):
-        python = sys.executable
-        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-        args = [python, __file__, "dump", base / "ate_run" / "tiny.toml", tmp / f"{label}.pt"]
-        procs[label] = subprocess.Popen(list(map(str, args)), cwd=root, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    for label, p in procs.items():
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"{label}: {out[-2000:]}"
-    return tuple(torch.load(tmp / f"{label}.pt") for label in ("base", "ws"))
+def dump_pristine(base: Path, out: Path) -> dict:
+    """dump() of the pristine framework, in a process with it first on PYTHONPATH."""
+    env = {**_clean_env(), "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, __file__, "dump", str(base / "ate_run" / "tiny.toml"), str(out)], cwd=base,
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    if r.returncode != 0:  # the pristine framework failing is a bug of the verifier, not the agent's
+        raise RuntimeError(f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}")
+    return torch.load(out)
 
 
 # ---- script side ----
@@ -233,16 +234,21 @@ def _train_main(run: str, steps: str, toml: str) -> None:
         (Path(run) / "routers.json").write_text(json.dumps(calls))
 
 
-def _dump_main(toml: str, out: str) -> None:
-    config = _job_config([], Path(toml))
-    model = _spec_model(config)
+def dump(toml: Path | None = None) -> dict:
+    """The feature-off tiny model (the config as shipped) of the framework on the path: its state shapes, and the
+    logits, loss and gradients of a forward and backward on fixed tokens."""
+    model = _spec_model(_job_config([], toml))
     x = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     logits = model(x)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.roll(-1, dims=1).flatten())
     loss.backward()
-    torch.save({"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items()},
-                "logits": logits.detach().cpu(), "loss": loss.detach().cpu(),
-                "grads": {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}}, out)  # fmt: skip
+    return {"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items()},
+            "logits": logits.detach().cpu(), "loss": loss.detach().cpu(),
+            "grads": {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}}  # fmt: skip
+
+
+def _dump_main(toml: str, out: str) -> None:
+    torch.save(dump(Path(toml)), out)
 
 
 if __name__ == "__main__":

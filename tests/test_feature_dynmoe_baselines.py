@@ -26,7 +26,10 @@ INSTALLED = {"torchtitan": ("torchtitan", "datasets"), "megatron": ("megatron.co
 FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(
     not all(importlib.util.find_spec(m.split(".")[0]) for m in mods), reason=f"{fw} is not installed"))
     for fw, mods in INSTALLED.items()]  # fmt: skip
-ROUTER_FILE = {"torchtitan": "torchtitan/models/moe/moe.py", "megatron": "megatron/core/transformer/moe/router.py"}
+ROUTER_FILE = {
+    "torchtitan": "torchtitan/models/moe/moe.py",
+    "megatron": "megatron/core/transformer/moe/router.py",
+}
 _templates: dict[str, Path] = {}
 
 
@@ -75,4 +78,5 @@ def test_change_without_the_feature_scores_0(ws, tmp_path):
         f.write("\n# DynMoE top-any gating: to do\n")
     result = verify(fw, ws, tmp_path)
     assert result["reward"] == 0.0, result
-    assert result["props_passed"] < result["props_total"], result  # the property tests, not only the run, fail
+    # the property tests fail, not only the run
+    assert result["props_passed"] < result["props_total"], result

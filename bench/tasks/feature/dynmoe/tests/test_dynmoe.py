@@ -162,7 +162,14 @@ def test_gradients_reach_gate_weight_and_threshold():
     got = layer.grads()
     params = {k: v.clone().requires_grad_() for k, v in p.items()}
     (ref_moe(params, x) * c).sum().backward()
-    for name in ("gate.weight", "gate.threshold", "experts.w_gate", "experts.w_up", "experts.w_down", "shared.w_gate"):
+    for name in (
+        "gate.weight",
+        "gate.threshold",
+        "experts.w_gate",
+        "experts.w_up",
+        "experts.w_down",
+        "shared.w_gate",
+    ):
         g = got.get(name)
         assert g is not None and g.abs().sum() > 0, f"no gradient reaches {name}"
         assert torch.allclose(g, params[name].grad, rtol=1e-4, atol=1e-6), name
@@ -199,7 +206,9 @@ def test_short_training_run_learns_and_logs_active_experts(tmp_path):
     assert len(seen) == STEPS, f"the routers ran {len(seen)} optimizer steps' forwards, expected {STEPS}"
     for row, want in zip(rows, seen):
         active = row.get("active_experts")
-        assert isinstance(active, list) and len(active) == 2, f"step {row['step']}: active_experts = {active!r}"
+        assert isinstance(active, list) and len(active) == 2, (
+            f"step {row['step']}: active_experts = {active!r}"
+        )
         assert all(1.0 <= v <= 8.0 for v in active), active
         assert all(abs(a - b) < 0.01 for a, b in zip(active, want)), (row["step"], active, want)
 

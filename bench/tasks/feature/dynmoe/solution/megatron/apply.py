@@ -40,7 +40,7 @@ CONFIG_FIELD = '''
     moe_router_score_function, moe_router_pre_softmax and moe_router_topk_scaling_factor are then unused."""
 '''
 
-CONFIG_CHECKS = '''\
+CONFIG_CHECKS = """\
         if self.moe_router_gating not in ("top_k", "top_any"):
             raise ValueError(f"moe_router_gating must be 'top_k' or 'top_any', got {self.moe_router_gating!r}")
         if self.moe_router_gating == "top_any" and (
@@ -51,7 +51,7 @@ CONFIG_CHECKS = '''\
             raise ValueError("moe_router_gating='top_any' does not support moe_router_enable_expert_bias, "
                              "moe_router_num_groups, moe_router_force_load_balancing, moe_expert_capacity_factor "
                              "or a moe_router_load_balancing_type other than aux_loss and none")
-'''
+"""
 
 TOP_ANY = '''\
     def top_any(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,8 +145,8 @@ def main() -> None:
         "            active = ActiveExperts(model) if top_any else None\n",
     )
     entry.replace(
-        "                           \"peak_mem_gib\": torch.cuda.max_memory_allocated() / 2**30 if device == \"cuda\" else 0.0}\n",
-        "                           \"peak_mem_gib\": torch.cuda.max_memory_allocated() / 2**30 if device == \"cuda\" else 0.0}\n"
+        '                           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0}\n',
+        '                           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0}\n'
         "                    if active is not None:\n"
         "                        rec.update(active.pop(tokens_per_step))\n",
     )

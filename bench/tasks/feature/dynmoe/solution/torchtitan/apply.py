@@ -33,7 +33,7 @@ class Patch:
         self.text = self.text[:end] + block + self.text[end:]
 
 
-MOE_ARGS = '''\
+MOE_ARGS = """\
     # "top_k": each token takes top_k experts. "top_any" (DynMoE): each token takes every expert whose score
     # passes that expert's trainable threshold (at least one), see TokenChoiceTopKRouter.top_any; top_k,
     # score_func, route_norm, route_scale and the expert bias (load_balance_coeff) are then unused.
@@ -47,13 +47,13 @@ MOE_ARGS = '''\
             raise ValueError(
                 "moe_args.gating='top_any' does not support num_expert_groups, gate_bias or force_load_balance"
             )
-'''
+"""
 
-ROUTER_INIT = '''\
+ROUTER_INIT = """\
         self.gating = gating
         # DynMoE's trainable per-expert threshold g (tau = sigmoid(g)); top-any gating only.
         self.threshold = nn.Parameter(torch.zeros(num_experts)) if gating == "top_any" else None
-'''
+"""
 
 TOP_ANY = '''\
     def top_any(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,7 +90,9 @@ def main() -> None:
         '        _debug_force_load_balance: bool = False,\n        gating: str = "top_k",\n    ):',
     )
     moe.after_line("        self._debug_force_load_balance = _debug_force_load_balance", ROUTER_INIT)
-    moe.replace("    def _debug_force_load_balance_routing(", TOP_ANY + "    def _debug_force_load_balance_routing(")
+    moe.replace(
+        "    def _debug_force_load_balance_routing(", TOP_ANY + "    def _debug_force_load_balance_routing("
+    )
     moe.replace(
         "        # scores shape (bs*slen, num_experts)\n        scores = self.gate(x)\n",
         '        if self.gating == "top_any":\n            return self.top_any(x)\n'
@@ -118,7 +120,7 @@ def main() -> None:
     )
     moe.replace(
         "        self.load_balance_coeff = moe_args.load_balance_coeff\n",
-        "        self.load_balance_coeff = moe_args.load_balance_coeff if moe_args.gating == \"top_k\" else None\n",
+        '        self.load_balance_coeff = moe_args.load_balance_coeff if moe_args.gating == "top_k" else None\n',
     )
 
     job = Patch(root, "torchtitan/config/job_config.py")
@@ -141,14 +143,14 @@ def main() -> None:
 
     spec = Patch(root, "ate_run/deepseek_v2_lite.py")
     spec.replace(
-        "    def __init__(self, inner, path: Path):\n        self.inner, self.file = inner, open(path, \"a\")\n",
-        '    def __init__(self, inner, path: Path, processor=None, tokens_per_step: int = 0):\n'
+        '    def __init__(self, inner, path: Path):\n        self.inner, self.file = inner, open(path, "a")\n',
+        "    def __init__(self, inner, path: Path, processor=None, tokens_per_step: int = 0):\n"
         '        self.inner, self.file = inner, open(path, "a")\n'
         "        self.processor, self.tokens_per_step, self.last_step = processor, tokens_per_step, 0\n",
     )
     spec.replace(
-        "        row = {\"step\": step, **{k: float(metrics[v]) for k, v in self.FIELDS.items() if v in metrics}}\n",
-        "        row = {\"step\": step, **{k: float(metrics[v]) for k, v in self.FIELDS.items() if v in metrics}}\n"
+        '        row = {"step": step, **{k: float(metrics[v]) for k, v in self.FIELDS.items() if v in metrics}}\n',
+        '        row = {"step": step, **{k: float(metrics[v]) for k, v in self.FIELDS.items() if v in metrics}}\n'
         "        row.update(self.active_experts(step))\n",
     )
     spec.replace(
@@ -179,7 +181,7 @@ def main() -> None:
     )
     for p in (moe, job, args, spec):  # write only when every anchor was found
         p.path.write_text(p.text)
-    print('apply.py: DynMoE top-any gating added (--model.moe_gating top_any)')
+    print("apply.py: DynMoE top-any gating added (--model.moe_gating top_any)")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,10 @@ class Layer:
         out = {"gate.weight": tuple(p["router.weight"].shape)}
         if "router.threshold" in p:
             out["gate.threshold"] = tuple(p["router.threshold"].shape)
-        fc1, fc2 = p["experts.local_experts.0.linear_fc1.weight"], p["experts.local_experts.0.linear_fc2.weight"]
+        fc1, fc2 = (
+            p["experts.local_experts.0.linear_fc1.weight"],
+            p["experts.local_experts.0.linear_fc2.weight"],
+        )
         out |= {"experts.w_gate": (n, fc1.shape[1], fc1.shape[0] // 2), "experts.w_up": (n, fc1.shape[1], i),
                 "experts.w_down": (n, fc2.shape[1], fc2.shape[0])}  # fmt: skip
         if "shared_experts.linear_fc1.weight" in p:
@@ -174,7 +177,9 @@ def tiny_model() -> dict:
     routers = [(name, m) for name, m in model.named_modules() if isinstance(m, TopKRouter)]
     thresholds = {name: m.threshold.detach().float().cpu().clone() for name, m in routers}
     pairs = []
-    hooks = [m.register_forward_hook(lambda mod, a, out: pairs.append(int((out[0] > 0).sum()))) for _, m in routers]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out: pairs.append(int((out[0] > 0).sum()))) for _, m in routers
+    ]
     x, y, pos = _batch()
     loss = fmodel(x, pos, None, labels=y).float().mean()
     for h in hooks:
@@ -193,7 +198,9 @@ def train(run: Path, steps: int):
     env = {**_clean_env(), "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, __file__, "train", run / "out", steps, base / "ate_run" / "tiny.toml"]
     with open(run / "train.log", "w") as log:
-        r = subprocess.run(list(map(str, args)), cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400)
+        r = subprocess.run(
+            list(map(str, args)), cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400
+        )
     assert r.returncode == 0, (run / "train.log").read_text()[-2000:]
     rows = [json.loads(line) for line in (run / "out" / "metrics.jsonl").read_text().splitlines() if line]
     calls = json.loads((run / "routers.json").read_text())  # [pairs, tokens] per router call, in call order
@@ -207,7 +214,9 @@ def dump_pristine(base: Path, out: Path) -> dict:
     r = subprocess.run([sys.executable, __file__, "dump", str(base / "ate_run" / "tiny.toml"), str(out)], cwd=base,
                        env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     if r.returncode != 0:  # the pristine framework failing is a bug of the verifier, not the agent's
-        raise RuntimeError(f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}")
+        raise RuntimeError(
+            f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}"
+        )
     return torch.load(out)
 
 
@@ -244,13 +253,16 @@ def _train_main(out: str, steps: str, toml: str) -> None:
 
 
 def dump(toml: Path | None = None) -> dict:
-    """The feature-off tiny model (the config as shipped, fusions off) of the framework on the path: its state
-    shapes, and the per-token losses and gradients of a training forward and backward on fixed tokens."""
+    """The feature-off tiny model (the config as shipped, in fp32 with fusions off: Megatron's bf16 MoE forward is
+    not deterministic on a GPU) of the framework on the path: its state shapes, and the per-token losses and
+    gradients of a training forward and backward on fixed tokens."""
     pg = _entry()
     toml = toml or Path(os.environ["ATE_BASE"]) / "ate_run" / "tiny.toml"
-    model, fmodel = _forward_model(pg.load_config(toml, {"device": DEVICE, "model": NO_FUSION}))
+    cfg = pg.load_config(toml, {"device": DEVICE, "model": NO_FUSION})
+    cfg["model"].update(bf16=False, params_dtype=torch.float32, pipeline_dtype=torch.float32)
+    model = pg.build_model(cfg, DEVICE).to(DEVICE)
     x, y, pos = _batch()
-    losses = fmodel(x, pos, None, labels=y).float()
+    losses = model(x, pos, None, labels=y).float()
     losses.mean().backward()
     return {"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items() if hasattr(p, "shape")},
             "logits": losses.detach().cpu(), "loss": losses.mean().detach().cpu(),

@@ -102,7 +102,10 @@ class Layer:
         return self.moe(x.to(DEVICE).view(1, *x.shape)).view(x.shape)
 
     def grads(self) -> dict:
-        return {k: None if p.grad is None else view(p.grad).detach().cpu() for k, (p, view) in self._params().items()}
+        return {
+            k: None if p.grad is None else view(p.grad).detach().cpu()
+            for k, (p, view) in self._params().items()
+        }
 
 
 def _spec_model(config):
@@ -198,7 +201,9 @@ def dump_pristine(base: Path, out: Path) -> dict:
     r = subprocess.run([sys.executable, __file__, "dump", str(base / "ate_run" / "tiny.toml"), str(out)], cwd=base,
                        env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     if r.returncode != 0:  # the pristine framework failing is a bug of the verifier, not the agent's
-        raise RuntimeError(f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}")
+        raise RuntimeError(
+            f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}"
+        )
     return torch.load(out)
 
 

@@ -110,7 +110,7 @@ def test_parameters():
     assert {k: layer.shapes().get(k) for k in want} == want, layer.shapes()
     plain = probe.Layer(H, INTER, E, 0, gating=None)
     assert "gate.threshold" not in plain.shapes() and set(plain.shapes()) == set(want) - {"gate.threshold"}
-    thresholds = probe.tiny_model()["thresholds"]
+    thresholds = probe.tiny_model(probe.FAMILIES[0])["thresholds"]
     assert len(thresholds) == 2, list(thresholds)  # the two MoE layers of the tiny model
     assert all(t.shape == (8,) and torch.equal(t, torch.zeros(8)) for t in thresholds.values()), thresholds
 
@@ -175,15 +175,16 @@ def test_gradients_reach_gate_weight_and_threshold():
         assert torch.allclose(g, params[name].grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_model_forward_backward():
-    """The tiny model with top-any gating: finite loss, experts per token between 1 and 8 with some tokens taking
+@pytest.mark.parametrize("family", probe.FAMILIES)
+def test_model_forward_backward(family):
+    """A tiny model with top-any gating: finite loss, experts per token between 1 and 8 with some tokens taking
     several, and gradients reaching every threshold."""
-    out = probe.tiny_model()
+    out = probe.tiny_model(family)
     assert math.isfinite(out["loss"]), out["loss"]
     per_layer = torch.tensor(out["pairs"], dtype=torch.float)
     n = out["tokens"]
-    assert len(per_layer) == 2 and (per_layer >= n).all() and (per_layer <= 8 * n).all(), (per_layer, n)
-    assert (per_layer > 2 * n).any(), (per_layer, n)
+    assert len(per_layer) == len(out["threshold_grads"]) >= 2, (per_layer, list(out["threshold_grads"]))
+    assert (per_layer >= n).all() and (per_layer <= 8 * n).all() and (per_layer > 2 * n).any(), (per_layer, n)
     for name, g in out["threshold_grads"].items():
         assert g is not None and g.abs().sum() > 0, f"no gradient reaches {name}"
 
@@ -215,12 +216,18 @@ def test_short_training_run_learns_and_logs_active_experts(tmp_path):
 
 @pytest.mark.e2e
 def test_feature_off_model_unchanged(tmp_path):
-    """Defaults give the pristine framework's tiny model: same parameters, logits, loss and gradients (the pristine
-    one in a process of its own, the workspace's in this one)."""
+    """Defaults give the pristine framework's tiny models: same parameters, logits, losses, expert load and
+    gradients (the pristine framework in a process of its own)."""
     base, ws = probe.dump_pristine(BASE, tmp_path / "base.pt"), probe.dump()
-    assert base["shapes"] == ws["shapes"]
-    for key in ("logits", "loss"):
-        assert torch.allclose(base[key], ws[key], atol=1e-5), key
-    assert base["grads"].keys() == ws["grads"].keys()
-    for k in base["grads"]:
-        assert torch.allclose(base["grads"][k], ws["grads"][k], rtol=1e-4, atol=1e-6), k
+    assert base.keys() == ws.keys() and base, (list(base), list(ws))
+    for name in base:
+        a, b = base[name], ws[name]
+        assert a["shapes"] == b["shapes"], name
+        for key in ("logits", "loss", "aux_loss"):
+            if key in a:
+                assert torch.allclose(a[key], b[key], atol=1e-5), (name, key)
+        if "expert_load" in a:
+            assert torch.equal(a["expert_load"], b["expert_load"]), name
+        assert a["grads"].keys() == b["grads"].keys(), name
+        for k in a["grads"]:
+            assert torch.allclose(a["grads"][k], b["grads"][k], rtol=1e-4, atol=1e-7), (name, k)

@@ -21,6 +21,7 @@ KEY = "moe_router_gating"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The probe's models and run leave Megatron's torch.compile'd fusions (SwiGLU, bias-dropout-add) off: compiling
 # them costs more than the tiny runs, and the feature does not touch them.
+FAMILIES = ("tiny",)  # ate_run/tiny.toml
 NO_FUSION = {"bias_activation_fusion": False, "bias_dropout_fusion": False}
 
 
@@ -93,7 +94,10 @@ class Layer:
             s1, s2 = p["shared_experts.linear_fc1.weight"], p["shared_experts.linear_fc2.weight"]
             out |= {"shared.w_gate": (s1.shape[1], s1.shape[0] // 2), "shared.w_up": (s1.shape[1], s1.shape[0] // 2),
                     "shared.w_down": (s2.shape[1], s2.shape[0])}  # fmt: skip
-        return out
+        known = re.compile(
+            r"router\.(weight|threshold)|(experts\.local_experts\.\d+|shared_experts)\.linear_fc[12]\.weight"
+        )
+        return out | {f"other:{k}": tuple(v.shape) for k, v in p.items() if not known.fullmatch(k)}
 
     def load(self, params: dict) -> None:
         """Canonical values into Megatron's layout: linear_fc1 = [gate; up] rows [2I, H], linear_fc2 [H, I]."""
@@ -168,7 +172,7 @@ def _batch():
     return x, x.roll(-1, dims=1), torch.arange(32, device=DEVICE).unsqueeze(0).expand_as(x)
 
 
-def tiny_model() -> dict:
+def tiny_model(family: str = "tiny") -> dict:
     """The tiny config with [model] moe_router_gating = "top_any": a training forward and backward on fixed tokens,
     in canonical terms."""
     from megatron.core.transformer.moe.router import TopKRouter
@@ -264,9 +268,9 @@ def dump(toml: Path | None = None) -> dict:
     x, y, pos = _batch()
     losses = model(x, pos, None, labels=y).float()
     losses.mean().backward()
-    return {"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items() if hasattr(p, "shape")},
+    return {"tiny": {"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items() if hasattr(p, "shape")},
             "logits": losses.detach().cpu(), "loss": losses.mean().detach().cpu(),
-            "grads": {k: p.grad.float().cpu() for k, p in model.named_parameters() if p.grad is not None}}  # fmt: skip
+            "grads": {k: p.grad.float().cpu() for k, p in model.named_parameters() if p.grad is not None}}}  # fmt: skip
 
 
 def _dump_main(toml: str, out: str) -> None:

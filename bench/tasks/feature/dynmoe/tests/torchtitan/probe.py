@@ -21,6 +21,7 @@ import torch
 KEY = "model.moe_gating"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = 0
+FAMILIES = ("tiny",)  # the train spec's tiny flavor
 
 
 def _cpu_histc() -> None:
@@ -82,7 +83,9 @@ class Layer:
             "shared.w_up": ("shared_experts.w3.weight", t),
             "shared.w_down": ("shared_experts.w2.weight", t),
         }
-        return {k: (named[name], view) for k, (name, view) in table.items() if name in named}
+        out = {k: (named[name], view) for k, (name, view) in table.items() if name in named}
+        known = {name for name, _ in table.values()}
+        return out | {f"other:{k}": (p, lambda p: p) for k, p in named.items() if k not in known}
 
     def shapes(self) -> dict:
         return {k: tuple(view(p).shape) for k, (p, view) in self._params().items()}
@@ -150,7 +153,7 @@ def config_error(value) -> str | None:
     return None
 
 
-def tiny_model() -> dict:
+def tiny_model(family: str = "tiny") -> dict:
     """The tiny flavor with --model.moe_gating top_any: a forward and backward on fixed tokens, in canonical terms."""
     from torchtitan.models.moe.moe import TokenChoiceTopKRouter
 
@@ -247,9 +250,9 @@ def dump(toml: Path | None = None) -> dict:
     logits = model(x)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x.roll(-1, dims=1).flatten())
     loss.backward()
-    return {"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items()},
+    return {"tiny": {"shapes": {k: tuple(p.shape) for k, p in model.state_dict().items()},
             "logits": logits.detach().cpu(), "loss": loss.detach().cpu(),
-            "grads": {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}}  # fmt: skip
+            "grads": {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}}}  # fmt: skip
 
 
 def _dump_main(toml: str, out: str) -> None:

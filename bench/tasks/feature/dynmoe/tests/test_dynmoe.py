@@ -13,6 +13,13 @@ comes from the reference here, written from the task's definitions:
 
 Canonical parameters: gate.weight [E, H], gate.threshold [E], experts.w_gate / w_up [E, H, I],
 experts.w_down [E, I, H], shared.w_gate / w_up [H, S], shared.w_down [S, H] (S = I x shared experts).
+
+A probe answers: package_root(); KEY, configured_gating(value), config_error(value) (the config key);
+Layer(H, I, E, shared, gating) with shapes(), load(canonical params), route(x [T, H]) -> (weights [T, E], load [E]),
+forward(x) -> y [T, H], grads() (canonical); FAMILIES and tiny_model(family) (the tiny model with the feature on:
+loss, thresholds, (token, expert) pairs per MoE layer, threshold gradients); train(run, steps) -> (metrics rows,
+per step and MoE layer the experts per token the routers returned); dump_pristine(base, out) and dump() (the
+feature-off tiny models: shapes, logits, losses, gradients).
 """
 
 import importlib

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "${ATE_WORKSPACE:-.}"
 SOL=${ATE_SOLUTION:-$(dirname "${BASH_SOURCE[0]}")}
 f=megatron/core/transformer/moba.py
-[ ! -e "$f" ] || { echo "solve.sh: $f already exists" >&2; exit 1; }
+for g in "$f" tests/test_moba.py; do
+  [ ! -e "$g" ] || { echo "solve.sh: $g already exists" >&2; exit 1; }
+done
 "${PYTHON:-python3}" "$SOL/apply.py" .
 cp "$SOL/files/$f" "$f"
+mkdir -p tests && cp "$SOL/files/tests/test_moba.py" tests/test_moba.py

@@ -93,6 +93,7 @@ class FixedMask:
         self.allowed, self.gaps = allowed, []
 
     def __call__(self, q, k, v, scale):
+        self.gaps.append(math.inf)  # no choice: no tie
         return attend(q, k, v, self.allowed, scale)
 
 
@@ -124,10 +125,8 @@ def forward(spec, moba, seed, ids, core=None, grad=False):
     """probe.forward with this file's weights; a core function must be called once per layer."""
     out = probe.forward(spec, moba, ids, lambda params: randomise(params, seed), core=core, grad=grad)
     if core is not None:
-        calls = len(core.gaps) if isinstance(core, Reference) else None
-        assert calls in (None, spec["layers"]), (
-            f"core attention ran {calls} times for {spec['layers']} layers"
-        )
+        calls = len(core.gaps)
+        assert calls == spec["layers"], f"core attention ran {calls} times for {spec['layers']} layers"
     return out
 
 

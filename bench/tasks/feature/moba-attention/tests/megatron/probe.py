@@ -67,7 +67,9 @@ def config_error(values: dict) -> str | None:
 
 
 def parameter_shapes(spec: dict, moba) -> dict:
-    model = pg().build_model(config(spec, moba), "meta")
+    """Built on DEVICE, not "meta": the launch entry's meta build turns on its CPU emulation for the whole process."""
+    with pg().device_mode(DEVICE):
+        model = pg().build_model(config(spec, moba), DEVICE)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 

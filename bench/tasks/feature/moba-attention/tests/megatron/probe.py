@@ -19,6 +19,12 @@ from pathlib import Path
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KEY_PREFIX = ""  # the config errors name the bare key
+RUN = {
+    "steps": 6,
+    "window": 2,
+    "drop": 0.05,
+}  # the training run: steps, and the drop of the mean loss of its ends
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 FP32 = {"bf16": False, "params_dtype": torch.float32, "pipeline_dtype": torch.float32}
 

@@ -18,6 +18,12 @@ from pathlib import Path
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KEY_PREFIX = ""  # the config errors name the bare key
+RUN = {
+    "steps": 6,
+    "window": 2,
+    "drop": 0.05,
+}  # the training run: steps, and the drop of the mean loss of its ends
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 if DEVICE == "cpu" and not getattr(torch.histc, "ate_cpu", False):
     # TorchTitan's MoE counts tokens per expert with torch.histc on integer ids, which CUDA has and CPU lacks.

@@ -61,7 +61,12 @@ def test_oracle_scores_1_and_no_feature_scores_0(fw, tmp_path):
     template = adapters.get(fw).build(fw, tmp_path / "workspace")
     oracle = tmp_path / "oracle"
     shutil.copytree(template, oracle, symlinks=True)
-    env = {**os.environ, "PYTHON": cpu_python(tmp_path, fw), "PYTHONPATH": str(oracle), "ATE_WORKSPACE": str(oracle)}
+    env = {
+        **os.environ,
+        "PYTHON": cpu_python(tmp_path, fw),
+        "PYTHONPATH": str(oracle),
+        "ATE_WORKSPACE": str(oracle),
+    }
     r = subprocess.run(["bash", str(TASK / "solution" / fw / "solve.sh")], cwd=oracle, env=env, capture_output=True,
                        text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -73,4 +78,6 @@ def test_oracle_scores_1_and_no_feature_scores_0(fw, tmp_path):
     path.write_text(path.read_text() + "\n# differential attention: not implemented\n")
     result = verify(fw, template, tmp_path / "v-null")
     assert result["reward"] == 0.0, result
-    assert result["props_passed"] == 0 and result["e2e_passed"] == 1, result  # only the feature-off model passes
+    assert result["props_passed"] == 0 and result["e2e_passed"] == 1, (
+        result
+    )  # only the feature-off model passes

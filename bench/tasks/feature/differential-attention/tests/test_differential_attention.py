@@ -114,7 +114,9 @@ def canonical_params(m: dict, seed: int) -> dict:
               "wkv_b": (heads * (m["nope"] + m["v"]), m["kv_lora_rank"]), "wo": (d, heads * m["v"]),
               **{lam: (qk,) for lam in LAMBDAS}, "head_norm": (2 * m["v"],)}  # fmt: skip
     if m["q_lora_rank"]:
-        shapes.update(wq_a=(m["q_lora_rank"], d), q_norm=(m["q_lora_rank"],), wq_b=(heads * qk, m["q_lora_rank"]))
+        shapes.update(
+            wq_a=(m["q_lora_rank"], d), q_norm=(m["q_lora_rank"],), wq_b=(heads * qk, m["q_lora_rank"])
+        )
     else:
         shapes["wq"] = (heads * qk, d)
     params = {}
@@ -127,7 +129,9 @@ def canonical_params(m: dict, seed: int) -> dict:
 def close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-4) -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     err = (got.float() - want.float()).abs().max().item()
-    assert err <= tol * (1 + want.abs().max().item()), f"{what}: max abs difference {err:.3g} from the reference"
+    assert err <= tol * (1 + want.abs().max().item()), (
+        f"{what}: max abs difference {err:.3g} from the reference"
+    )
 
 
 def tokens(seed: int, batch: int = 2, seq: int = 13, vocab: int = 128) -> torch.Tensor:
@@ -153,7 +157,9 @@ def test_validation():
     probe.build(TINY, diff=True)  # the key itself is accepted (an unknown key's error would name it too)
     msg = probe.rejects({**TINY, "heads": 3})
     assert msg is not None, "an odd number of heads with differential attention on was accepted"
-    assert "diff_attention" in msg and "\n" not in msg.strip(), f"the error does not name diff_attention: {msg}"
+    assert "diff_attention" in msg and "\n" not in msg.strip(), (
+        f"the error does not name diff_attention: {msg}"
+    )
 
 
 def test_parameters():
@@ -185,7 +191,9 @@ def test_init():
         for lam in LAMBDAS:
             std = p[lam].float().std().item()
             assert 0.03 < std < 0.3, f"layer {i} {lam} after the model's initialisation: std {std:.3g}"
-        assert torch.equal(p["head_norm"].float(), torch.ones_like(p["head_norm"].float())), "head_norm not ones"
+        assert torch.equal(p["head_norm"].float(), torch.ones_like(p["head_norm"].float())), (
+            "head_norm not ones"
+        )
 
 
 def test_reference():
@@ -207,7 +215,10 @@ def test_lambda_zero():
         p = canonical_params(TINY, seed=30 + i)
         for lam in LAMBDAS:
             p[lam].zero_()
-        p["lambda_q2"][0], p["lambda_k2"][0] = math.log(1 + lambda_init(i)), 1.0  # exp(q2.k2) = 1 + lambda_init
+        p["lambda_q2"][0], p["lambda_k2"][0] = (
+            math.log(1 + lambda_init(i)),
+            1.0,
+        )  # exp(q2.k2) = 1 + lambda_init
         probe.load_attention(model, i, p)
         x = hidden(TINY, seed=40 + i, seq=9)
         q, k, v = mla_qkv(p, TINY, x)
@@ -246,7 +257,12 @@ def test_causal():
     later = ids.clone()
     later[:, 7:] = (later[:, 7:] + 1) % TINY["vocab"]
     with torch.no_grad():
-        close(probe.logits(model, later)[:, :7], probe.logits(model, ids)[:, :7], "logits before a changed token", 1e-5)
+        close(
+            probe.logits(model, later)[:, :7],
+            probe.logits(model, ids)[:, :7],
+            "logits before a changed token",
+            1e-5,
+        )
 
 
 def test_gradients_reach_new_parameters():
@@ -298,7 +314,12 @@ def test_unchanged_when_disabled(tmp_path):
         loss = probe.loss(model, ids, ids.roll(-1, 1))
         loss.backward()
         with torch.no_grad():
-            close(probe.logits(model, ids).cpu(), saved[name]["logits"], f"{name}: logits vs the pristine model", 1e-5)
+            close(
+                probe.logits(model, ids).cpu(),
+                saved[name]["logits"],
+                f"{name}: logits vs the pristine model",
+                1e-5,
+            )
         close(loss.detach().cpu(), saved[name]["loss"], f"{name}: loss vs the pristine model", 1e-5)
         grads, want = probe.grads(model), saved[name]["grads"]
         assert sorted(grads) == sorted(want), f"{name}: other parameters than the pristine model's"

@@ -14,17 +14,24 @@ CONFIG = "megatron/core/transformer/transformer_config.py"
 MLA = "megatron/core/transformer/multi_latent_attention.py"
 
 EDITS = [
-    (CONFIG, '''    multi_latent_attention: bool = False
+    (
+        CONFIG,
+        '''    multi_latent_attention: bool = False
     """Whether to use multi-latent attention."""
-''', '''    multi_latent_attention: bool = False
+''',
+        '''    multi_latent_attention: bool = False
     """Whether to use multi-latent attention."""
 
     diff_attention: bool = False
     """Differential attention (Ye et al. 2024) in multi-latent attention: heads pair up into
     num_attention_heads / 2 differential heads (MultiLatentAttention.differential_attention)."""
-'''),
-    (CONFIG, '''        if self.num_attention_heads % self.tensor_model_parallel_size != 0:
-''', '''        if self.diff_attention and self.num_attention_heads % 2:
+''',
+    ),
+    (
+        CONFIG,
+        """        if self.num_attention_heads % self.tensor_model_parallel_size != 0:
+""",
+        """        if self.diff_attention and self.num_attention_heads % 2:
             raise ValueError(
                 f"model.diff_attention = true pairs heads: num_attention_heads "
                 f"({self.num_attention_heads}) must be even."
@@ -33,10 +40,14 @@ EDITS = [
             raise ValueError("model.diff_attention = true needs multi_latent_attention = true.")
 
         if self.num_attention_heads % self.tensor_model_parallel_size != 0:
-'''),
-    (MLA, '''        # Output.
+""",
+    ),
+    (
+        MLA,
+        """        # Output.
         self.linear_proj = build_module(
-''', '''        if self.config.diff_attention:
+""",
+        """        if self.config.diff_attention:
             # Differential attention: lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init,
             # lambda_init by the 0-based layer index (layer_number - 1), and an RMSNorm over each differential
             # head's 2 * v_head_dim features; all shared by the layer's heads.
@@ -58,16 +69,24 @@ EDITS = [
 
         # Output.
         self.linear_proj = build_module(
-'''),
-    (MLA, '''        if self.checkpoint_core_attention and self.training:
+""",
+    ),
+    (
+        MLA,
+        """        if self.checkpoint_core_attention and self.training:
             core_attn_out = self._checkpointed_attention_forward(
-''', '''        if self.config.diff_attention:
+""",
+        """        if self.config.diff_attention:
             core_attn_out = self.differential_attention(query, key, value)
         elif self.checkpoint_core_attention and self.training:
             core_attn_out = self._checkpointed_attention_forward(
-'''),
-    (MLA, '''class MLASelfAttention(MultiLatentAttention):
-''', '''    def differential_attention(self, query, key, value):
+""",
+    ),
+    (
+        MLA,
+        """class MLASelfAttention(MultiLatentAttention):
+""",
+        '''    def differential_attention(self, query, key, value):
         """Differential attention (Ye et al. 2024) on MLA's query, key [s, b, n, qk] and value [s, b, n, v_head_dim]
         -> [s, b, n * v_head_dim]. Differential head j pairs heads 2j and 2j+1, with s = self.softmax_scale:
 
@@ -91,7 +110,8 @@ EDITS = [
 
 
 class MLASelfAttention(MultiLatentAttention):
-'''),
+''',
+    ),
 ]
 
 
@@ -100,7 +120,10 @@ def main() -> int:
     for path, old, new in EDITS:
         text = texts.setdefault(path, Path(path).read_text())
         if text.count(old) != 1:
-            print(f"apply.py: anchor found {text.count(old)} times in {path}: {old.splitlines()[0]!r}", file=sys.stderr)
+            print(
+                f"apply.py: anchor found {text.count(old)} times in {path}: {old.splitlines()[0]!r}",
+                file=sys.stderr,
+            )
             return 1
         texts[path] = text.replace(old, new)
     for path, text in texts.items():

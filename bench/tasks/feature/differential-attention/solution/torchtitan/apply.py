@@ -15,17 +15,24 @@ ARGS = "torchtitan/models/deepseek_v3/model/args.py"
 MODEL = "torchtitan/models/deepseek_v3/model/model.py"
 
 EDITS = [
-    (JOB, '''    print_after_conversion: bool = False
-''', '''    diff_attention: bool = False
+    (
+        JOB,
+        """    print_after_conversion: bool = False
+""",
+        '''    diff_attention: bool = False
     """Differential attention (Ye et al. 2024) in DeepSeek-V3's multi-head latent attention: heads pair up into
     n_heads / 2 differential heads. Copied into the model args by DeepSeekV3ModelArgs.update_from_config."""
 
     print_after_conversion: bool = False
-'''),
-    (ARGS, '''    mscale: float = 1.0
+''',
+    ),
+    (
+        ARGS,
+        """    mscale: float = 1.0
 
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
-''', '''    mscale: float = 1.0
+""",
+        """    mscale: float = 1.0
 
     # Differential attention (job config: model.diff_attention)
     diff_attention: bool = False
@@ -37,17 +44,25 @@ EDITS = [
             raise ValueError(
                 f"model.diff_attention = true pairs heads: n_heads ({self.n_heads}) must be even."
             )
-'''),
-    (MODEL, '''    def __init__(self, model_args: DeepSeekV3ModelArgs):
+""",
+    ),
+    (
+        MODEL,
+        """    def __init__(self, model_args: DeepSeekV3ModelArgs):
         super().__init__()
         self.dim = model_args.dim
-''', '''    def __init__(self, model_args: DeepSeekV3ModelArgs, layer_id: int = 0):
+""",
+        """    def __init__(self, model_args: DeepSeekV3ModelArgs, layer_id: int = 0):
         super().__init__()
         self.dim = model_args.dim
-'''),
-    (MODEL, '''        self.attn_type = model_args.attn_type
+""",
+    ),
+    (
+        MODEL,
+        """        self.attn_type = model_args.attn_type
         self.inner_attention: nn.Module
-''', '''        self.diff_attention = model_args.diff_attention
+""",
+        """        self.diff_attention = model_args.diff_attention
         if self.diff_attention:
             # lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init, lambda_init by the
             # 0-based layer index; an RMSNorm over each differential head's 2 * v_head_dim features. All shared by
@@ -59,20 +74,28 @@ EDITS = [
 
         self.attn_type = model_args.attn_type
         self.inner_attention: nn.Module
-'''),
-    (MODEL, '''        match self.attn_type:
+""",
+    ),
+    (
+        MODEL,
+        """        match self.attn_type:
             case "flex":
                 assert isinstance(attention_masks, BlockMask)
-''', '''        if self.diff_attention:
+""",
+        """        if self.diff_attention:
             return self.wo(self.differential_attention(q, k, v))
 
         match self.attn_type:
             case "flex":
                 assert isinstance(attention_masks, BlockMask)
-'''),
-    (MODEL, '''    def init_weights(self, init_std: float):
+""",
+    ),
+    (
+        MODEL,
+        """    def init_weights(self, init_std: float):
         linear_list = [
-''', '''    def differential_attention(
+""",
+        '''    def differential_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """Differential attention (Ye et al. 2024) on MLA's q, k (bsz, n_heads, seqlen, qk_head_dim) and v
@@ -101,16 +124,25 @@ EDITS = [
                 nn.init.normal_(getattr(self, name), mean=0.0, std=0.1)  # zeros would give no gradient
             self.head_norm.reset_parameters()
         linear_list = [
-'''),
-    (MODEL, '''        self.attention = Attention(model_args)
-''', '''        self.attention = Attention(model_args, layer_id)
-'''),
-    (MODEL, '''import torch
+''',
+    ),
+    (
+        MODEL,
+        """        self.attention = Attention(model_args)
+""",
+        """        self.attention = Attention(model_args, layer_id)
+""",
+    ),
+    (
+        MODEL,
+        """import torch
 from torch import nn
-''', '''import torch
+""",
+        """import torch
 import torch.nn.functional as F
 from torch import nn
-'''),
+""",
+    ),
 ]
 
 
@@ -119,7 +151,10 @@ def main() -> int:
     for path, old, new in EDITS:
         text = texts.setdefault(path, Path(path).read_text())
         if text.count(old) != 1:
-            print(f"apply.py: anchor found {text.count(old)} times in {path}: {old.splitlines()[0]!r}", file=sys.stderr)
+            print(
+                f"apply.py: anchor found {text.count(old)} times in {path}: {old.splitlines()[0]!r}",
+                file=sys.stderr,
+            )
             return 1
         texts[path] = text.replace(old, new)
     for path, text in texts.items():

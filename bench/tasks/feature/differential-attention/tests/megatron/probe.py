@@ -55,7 +55,11 @@ def config(m: dict, diff) -> dict:
                      beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)  # fmt: skip
     if diff is not None:
         model["diff_attention"] = diff
-    gpt = {"vocab_size": m["vocab"], "position_embedding_type": "rope", "share_embeddings_and_output_weights": False}
+    gpt = {
+        "vocab_size": m["vocab"],
+        "position_embedding_type": "rope",
+        "share_embeddings_and_output_weights": False,
+    }
     return {"model": model, "gpt": gpt, "train": {"seed": 0, "seq_length": m["seq"]}, "device": DEVICE}
 
 
@@ -155,7 +159,9 @@ def state(model) -> dict:
 
 def load_state(model, saved: dict) -> None:
     own = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    assert own == set(saved), f"state-dict keys differ from the pristine model's: {sorted(own ^ set(saved))[:6]}"
+    assert own == set(saved), (
+        f"state-dict keys differ from the pristine model's: {sorted(own ^ set(saved))[:6]}"
+    )
     model.load_state_dict(saved, strict=False)
 
 
@@ -176,7 +182,9 @@ def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:
     cfg = run.parent / "tiny-diff.toml"
     cfg.write_text("".join(f"[{table}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
                            for table, values in raw.items()))  # TOML: JSON's scalars and lists  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}  # this process's world
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")
+    }  # this process's world
     env.update(PYTHONPATH=str(ws), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "ate_run.pretrain_gpt", "--config", str(cfg), "--out", str(run),
            "--train-iters", str(steps), "--no-save-optim", "--device", DEVICE]  # fmt: skip
@@ -190,4 +198,6 @@ def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:
     path = run / "checkpoints" / f"iter_{steps:07d}"
     assert (path / "metadata.json").is_file(), f"no checkpoint at {path}"
     keys = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    return SimpleNamespace(metrics=run / "metrics.jsonl", layers=raw["model"]["num_layers"], checkpoint_keys=keys)
+    return SimpleNamespace(
+        metrics=run / "metrics.jsonl", layers=raw["model"]["num_layers"], checkpoint_keys=keys
+    )

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CANONICAL = {k: f"{k}.weight" for k in ("wq", "wq_a", "q_norm", "wq_b", "wkv_a", "kv_norm", "wkv_b", "wo")}
-CANONICAL.update({k: k for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}, head_norm="head_norm.weight")
+CANONICAL.update(
+    {k: k for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}, head_norm="head_norm.weight"
+)
 
 if DEVICE == "cpu":  # TorchTitan's MoE counts tokens per expert with torch.histc on integer ids: CUDA only
     _histc = torch.histc

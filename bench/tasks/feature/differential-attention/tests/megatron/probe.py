@@ -182,9 +182,12 @@ def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:
     cfg = run.parent / "tiny-diff.toml"
     cfg.write_text("".join(f"[{table}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
                            for table, values in raw.items()))  # TOML: JSON's scalars and lists  # fmt: skip
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")
-    }  # this process's world
+    try:  # the launch entry's own config check, here: a rejected config needs no training process
+        pretrain_gpt().load_config(cfg)
+    except Exception as e:
+        raise AssertionError(f"the launch entry rejects the config with diff_attention = true: {e}") from None
+    # MASTER_ADDR/PORT are this process's world (the probe's models), not the run's.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ws), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "ate_run.pretrain_gpt", "--config", str(cfg), "--out", str(run),
            "--train-iters", str(steps), "--no-save-optim", "--device", DEVICE]  # fmt: skip

@@ -169,6 +169,12 @@ def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:
     cmd = ["bash", str(ws / "ate_run" / "run_train.sh"), "--model.diff_attention", "--training.steps", str(steps),
            "--training.local_batch_size", "4", "--training.global_batch_size", "4", "--training.seq_len", "64",
            "--job.dump_folder", str(run), "--checkpoint.enable", "--checkpoint.interval", str(steps)]  # fmt: skip
+    try:  # TorchTitan's own job-config parse, here: a rejected flag needs no training process
+        from torchtitan.config import ConfigManager
+
+        ConfigManager().parse_args(["--job.config_file", str(config), *cmd[2:]])
+    except SystemExit as e:
+        raise AssertionError(f"the job config rejects --model.diff_attention (exit {e.code})") from None
     env = {**os.environ, "CONFIG_FILE": str(config), "NGPU": "1", "PYTHON": os.environ.get("PYTHON", sys.executable),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)

@@ -69,7 +69,7 @@ def build(m: dict, diff):
 
 
 def rejects(m: dict) -> str | None:
-    """The error of building the config with the feature on, as the launch entry's load_config does; None if accepted."""
+    """The error of building the config with the feature on, as the launch entry's load_config does; None: accepted."""
     try:
         pretrain_gpt().model_config(config(m, True), "meta")
     except Exception as e:  # any construction error is the rejection

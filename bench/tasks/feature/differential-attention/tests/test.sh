@@ -2,8 +2,8 @@
 # Hidden verifier of feature/differential-attention. Usage: bash test.sh <workspace> <tests_dir> <out_dir>.
 # The pristine framework ($ATE_BASELINE, else the workspace's first git commit) gives the reference logits of
 # the unchanged model and the training config; everything else runs the agent's code from the workspace.
-# PithTrain: tests/pithtrain/props.py through feature_props.py; TorchTitan and Megatron-LM: the shared
-# test_differential_attention.py with tests/<framework>/probe.py through feature_pytest.py.
+# Every framework: the shared test_differential_attention.py with tests/<framework>/probe.py, through
+# feature_pytest.py (on PithTrain also the pristine framework's own tests, against the agent's code).
 set -euo pipefail
 WS=$1 TESTS=$2 OUT=$3
 # No change against the baseline commit: the feature cannot be there (reward 0 without running the tests).
@@ -22,8 +22,6 @@ if [ -z "$BASE" ]; then
 fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
 case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
-  pithtrain) exec "$PY" "$TESTS/feature_props.py" "$WS" "$BASE" "$WORK" "$OUT/reward.json" "$TESTS/pithtrain/props.py" 20 \
-      -- --set model.diff_attention=true ;;
-  torchtitan|megatron) exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS" ;;
+  pithtrain|torchtitan|megatron) exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS" ;;
   *) echo "differential-attention: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac

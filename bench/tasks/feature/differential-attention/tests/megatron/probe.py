@@ -53,6 +53,8 @@ def config(m: dict, diff) -> dict:
         factor, original = m["yarn"]
         model.update(rope_type="yarn", rotary_scaling_factor=factor, original_max_position_embeddings=original,
                      beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)  # fmt: skip
+    if m.get("groups"):
+        model.update(moe_router_num_groups=m["groups"][0], moe_router_group_topk=m["groups"][1])
     if diff is not None:
         model["diff_attention"] = diff
     gpt = {

@@ -45,7 +45,9 @@ def model_args(m: dict, diff):
         beta_slow=1, mscale=0.707, attn_type="sdpa", attn_mask_type="causal",
         moe_args=MoEArgs(num_experts=m["experts"], num_shared_experts=m["shared"], top_k=m["top_k"],
                          score_func="softmax", route_norm=False, route_scale=1.0, score_before_experts=False,
-                         use_grouped_mm=False, load_balance_coeff=0.01),
+                         use_grouped_mm=False, load_balance_coeff=0.01,
+                         num_expert_groups=(m.get("groups") or (None, None))[0],
+                         num_limited_groups=(m.get("groups") or (None, None))[1]),
     )  # fmt: skip
     cli = ["--training.seq_len", str(m["seq"]), *(["--model.diff_attention"] if diff else [])]
     args.update_from_config(ConfigManager().parse_args(cli))

@@ -21,7 +21,15 @@ if [ -z "$BASE" ]; then
   git_ archive "$(git_ rev-list --max-parents=0 HEAD | tail -n 1)" | tar -x -C "$BASE"
 fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
-case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
-  pithtrain|torchtitan|megatron) exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS" ;;
+export ATE_FRAMEWORK_BASE=${ATE_FRAMEWORK_BASE:-pithtrain}
+case "$ATE_FRAMEWORK_BASE" in
+  pithtrain|torchtitan|megatron) ;;
   *) echo "differential-attention: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac
+# The pristine framework's feature-off outputs, which test_unchanged_when_disabled compares with; failing here is ours.
+export ATE_PRISTINE=$WORK/pristine.pt
+if ! PYTHONPATH="$BASE" OMP_NUM_THREADS=1 "$PY" "$TESTS/test_differential_attention.py" pristine "$ATE_PRISTINE" \
+    > "$WORK/pristine.log" 2>&1; then
+  echo "verifier: the pristine reference failed:" >&2; tail -n 20 "$WORK/pristine.log" >&2; exit 1
+fi
+exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS"

@@ -13,6 +13,7 @@ part by position * theta^(-2i/dr) (a framework that rotates a permutation of tho
     outputs; test.sh runs it before the tests and gives the file to them as $ATE_PRISTINE)
 """
 
+import importlib
 import importlib.util
 import json
 import math
@@ -50,7 +51,16 @@ def load_probe():
     return module
 
 
+def check_imported_from(root: str) -> None:
+    """The framework package must come from `root` (the workspace, or the pristine copy), not from site-packages."""
+    module = importlib.import_module(probe.PACKAGE)
+    if not Path(module.__file__).resolve().is_relative_to(Path(root).resolve()):
+        raise ImportError(f"{probe.PACKAGE} was imported from {module.__file__}, not from {root}")
+
+
 probe = load_probe()
+if __name__ != "__main__" and os.environ.get("ATE_WS"):
+    check_imported_from(os.environ["ATE_WS"])
 
 
 # ---- the reference: the instruction's definition on canonical parameters ----
@@ -346,4 +356,5 @@ def test_training_run(tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["pristine"]:
+    check_imported_from(os.environ["PYTHONPATH"].split(os.pathsep)[0])
     dump_pristine(Path(sys.argv[2]))

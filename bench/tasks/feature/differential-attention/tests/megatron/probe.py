@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PACKAGE = "megatron.core"  # must be imported from the workspace (or the pristine copy)
 CANONICAL = {"wq": "linear_q_proj.weight", "wq_a": "linear_q_down_proj.weight", "q_norm": "q_layernorm.weight",
              "wq_b": "linear_q_up_proj.weight", "wkv_a": "linear_kv_down_proj.weight",
              "kv_norm": "kv_layernorm.weight", "wkv_b": "linear_kv_up_proj.weight", "wo": "linear_proj.weight",

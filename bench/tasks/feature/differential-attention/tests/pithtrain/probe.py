@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PACKAGE = "pithtrain"  # must be imported from the workspace (or the pristine copy)
 STEPS = 20
 CANONICAL = {"wq": "q_proj.weight", "wq_a": "q_a_proj.weight", "q_norm": "q_a_layernorm.weight",
              "wq_b": "q_b_proj.weight", "wkv_a": "kv_a_proj_with_mqa.weight", "kv_norm": "kv_a_layernorm.weight",

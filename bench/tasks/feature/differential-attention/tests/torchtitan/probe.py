@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PACKAGE = "torchtitan"  # must be imported from the workspace (or the pristine copy)
 CANONICAL = {k: f"{k}.weight" for k in ("wq", "wq_a", "q_norm", "wq_b", "wkv_a", "kv_norm", "wkv_b", "wo")}
 CANONICAL.update(
     {k: k for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}, head_norm="head_norm.weight"

@@ -2,6 +2,8 @@
 # Hidden verifier of feature/differential-attention. Usage: bash test.sh <workspace> <tests_dir> <out_dir>.
 # The pristine framework ($ATE_BASELINE, else the workspace's first git commit) gives the reference logits of
 # the unchanged model and the training config; everything else runs the agent's code from the workspace.
+# Every framework: the shared test_differential_attention.py with tests/<framework>/probe.py, through
+# feature_pytest.py (on PithTrain also the pristine framework's own tests, against the agent's code).
 set -euo pipefail
 WS=$1 TESTS=$2 OUT=$3
 # No change against the baseline commit: the feature cannot be there (reward 0 without running the tests).
@@ -19,8 +21,15 @@ if [ -z "$BASE" ]; then
   git_ archive "$(git_ rev-list --max-parents=0 HEAD | tail -n 1)" | tar -x -C "$BASE"
 fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
-case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
-  pithtrain) exec "$PY" "$TESTS/feature_props.py" "$WS" "$BASE" "$WORK" "$OUT/reward.json" "$TESTS/pithtrain/props.py" 20 \
-      -- --set model.diff_attention=true ;;
+export ATE_FRAMEWORK_BASE=${ATE_FRAMEWORK_BASE:-pithtrain}
+case "$ATE_FRAMEWORK_BASE" in
+  pithtrain|torchtitan|megatron) ;;
   *) echo "differential-attention: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac
+# The pristine framework's feature-off outputs, which test_unchanged_when_disabled compares with; failing here is ours.
+export ATE_PRISTINE=$WORK/pristine.pt
+if ! PYTHONPATH="$BASE" OMP_NUM_THREADS=1 "$PY" "$TESTS/test_differential_attention.py" pristine "$ATE_PRISTINE" \
+    > "$WORK/pristine.log" 2>&1; then
+  echo "verifier: the pristine reference failed:" >&2; tail -n 20 "$WORK/pristine.log" >&2; exit 1
+fi
+exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS"

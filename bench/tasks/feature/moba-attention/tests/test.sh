@@ -2,6 +2,8 @@
 # Hidden verifier of feature/moba-attention. Usage: bash test.sh <workspace> <tests_dir> <out_dir>.
 # The pristine framework ($ATE_BASELINE, else the workspace's first git commit) gives the reference logits of
 # the unchanged model and the training config; everything else runs the agent's code from the workspace.
+# Every framework: the shared property tests test_moba.py through feature_pytest.py, with tests/<framework>/probe.py
+# ($PYTHON also runs TorchTitan's training; on PithTrain feature_pytest.py also runs the framework's own tests).
 set -euo pipefail
 WS=$1 TESTS=$2 OUT=$3
 # No change against the baseline commit: the feature cannot be there (reward 0 without running the tests).
@@ -20,7 +22,6 @@ if [ -z "$BASE" ]; then
 fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
 case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
-  pithtrain) exec "$PY" "$TESTS/feature_props.py" "$WS" "$BASE" "$WORK" "$OUT/reward.json" "$TESTS/pithtrain/props.py" 20 \
-      -- --set model.moba_block_size=16 --set model.moba_topk=2 ;;
+  pithtrain|torchtitan|megatron) exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS" ;;
   *) echo "moba-attention: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac

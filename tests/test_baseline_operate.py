@@ -12,63 +12,27 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-import adapters
-from bench.harness.verifier import VERIFY_LIB
-
-REPO = Path(__file__).resolve().parents[1]
-TASKS = REPO / "bench" / "tasks" / "operate"
-INSTALLED = {"torchtitan": ("torchtitan", "datasets"), "megatron": ("megatron.core",)}
-FRAMEWORKS = [pytest.param(fw, marks=pytest.mark.skipif(
-    not all(importlib.util.find_spec(m.split(".")[0]) for m in mods), reason=f"{fw} is not installed"))
-    for fw, mods in INSTALLED.items()]
-_templates: dict[str, Path] = {}
+from baseline_tasks import FRAMEWORKS, REPO, workspace
+from baseline_tasks import solve as solve_task
+from baseline_tasks import verify as verify_task
 
 
 @pytest.fixture(params=FRAMEWORKS)
 def ws(request, tmp_path_factory, tmp_path) -> tuple[str, Path]:
-    """(framework, a fresh copy of its workspace); the workspace is built once per framework."""
-    fw = request.param
-    if fw not in _templates:
-        _templates[fw] = adapters.get(fw).build(fw, tmp_path_factory.mktemp(fw) / "workspace")
-    shutil.copytree(_templates[fw], tmp_path / "workspace", symlinks=True)
-    return fw, tmp_path / "workspace"
+    """(framework, a fresh copy of its workspace)."""
+    return request.param, workspace(request.param, tmp_path_factory, tmp_path / "workspace")
 
 
 def solve(task: str, fw: str, ws: Path, tmp: Path) -> None:
-    python = sys.executable
-    if fw == "torchtitan":  # the oracles call $PYTHON (torchrun included): this interpreter, TorchTitan on CPU
-        python = tmp / "python-on-cpu"
-        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "torchtitan_cpu.py"}" "$@"\n')
-        python.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(python), "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1",
-           "ATE_WORKSPACE": str(ws), "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run(["bash", str(TASKS / task / "solution" / fw / "solve.sh")], cwd=ws, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    solve_task(f"operate/{task}", fw, ws, tmp)
 
 
 def verify(task: str, fw: str, ws: Path, tmp: Path) -> dict:
-    """The task's hidden test.sh, staged as the harness stages it (verify_lib beside the tests)."""
-    stage = tmp / f"verify-{len(list(tmp.glob('verify-*')))}"
-    shutil.copytree(TASKS / task / "tests", stage / "tests")
-    for f in VERIFY_LIB.glob("*.py"):
-        shutil.copy2(f, stage / "tests" / f.name)
-    (stage / "out").mkdir()
-    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1",
-           "ATE_FRAMEWORK_BASE": fw, "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run(["bash", str(stage / "tests" / "test.sh"), str(ws), str(stage / "tests"), str(stage / "out")],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return json.loads((stage / "out" / "reward.json").read_text())
+    return verify_task(f"operate/{task}", fw, ws, tmp)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchtitan") is None, reason="torchtitan is not installed")

@@ -5,12 +5,13 @@ run on the agent's workspace.
 
 The harness copies this file (and dump.py, which the e2e tests run) beside every task's hidden tests.
 
-Three pytest runs at once, each a child process with the workspace first on the path:
+Up to three pytest runs, each a child process with the workspace first on the path:
   props     test_*.py of the task's tests folder, except those marked e2e: the feature's properties on tiny inputs
-  e2e       the tests marked e2e: a short training run with the feature on; with it off, the tiny models
-            against the pristine framework's (parameters, logits, losses, gradients)
   baseline  BASELINE_TESTS of the pristine framework's tests/, against the agent's code (PithTrain only: the
-            baselines' registry packages ship no tests)
+            baselines' registry packages ship no tests); at the same time as props
+  e2e       the tests marked e2e: a short training run with the feature on; with it off, the tiny models
+            against the pristine framework's (parameters, logits, losses, gradients). Only once every property
+            test passed: the reward is 0 otherwise, and a training run costs more than all the rest
 The framework is $ATE_FRAMEWORK_BASE (default pithtrain); the tests read it to pick their probe.
 Reward 1 when every test of every run passed (and each run collected tests); the sub-scores count them and
 name the failures. The agent's code breaking or hanging a run is its failure (reward 0); a problem of this
@@ -76,8 +77,8 @@ def main() -> int:
             "-o",
             "addopts=",
         ]
-    procs = {}
-    for name, args in runs.items():
+
+    def start(name: str):
         cmd = [
             sys.executable,
             "-m",
@@ -89,13 +90,16 @@ def main() -> int:
             str(work / f"tmp-{name}"),
             "--junitxml",
             str(work / f"{name}.xml"),
-            *args,
+            *runs[name],
         ]
         log = open(work / f"{name}.log", "w")
-        procs[name] = (subprocess.Popen(cmd, cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        return subprocess.Popen(cmd, cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT), log
+
     result: dict = {"reward": 0.0}
     reasons = []
-    for name, (proc, log) in procs.items():
+
+    def finish(name: str, proc, log) -> bool:
+        """Wait for a run and score it; -> whether every test passed."""
         try:
             code = proc.wait(timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -113,6 +117,16 @@ def main() -> int:
             reasons.append(f"{name}: pytest exited {code} after {total} tests: {tail}")
         log_tail = (work / f"{name}.log").read_text()[-3000:]
         print(f"== {name}: exit {code}, {total - len(bad)}/{total} passed\n{log_tail}")
+        return not bad and total > 0 and code == 0
+
+    procs = {name: start(name) for name in ("props", "baseline") if name in runs}
+    if finish("props", *procs.pop("props")):
+        procs["e2e"] = start("e2e")
+    else:
+        result["e2e_passed"] = result["e2e_total"] = 0
+        print("== e2e: not run (a property test failed)")
+    for name, (proc, log) in procs.items():
+        finish(name, proc, log)
     result["reward"] = 0.0 if reasons else 1.0
     result["reason"] = "; ".join(reasons)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -174,9 +174,9 @@ def tiny_model(family: str = "tiny") -> dict:
 
 
 def _run(args: list, cwd: Path, root: Path, log: Path, timeout: int) -> subprocess.CompletedProcess:
-    """This file as a script under ATE_TRAIN_PYTHON (a wrapper that makes TorchTitan train on CPU, for CI) or this
-    interpreter, with `root` first on PYTHONPATH."""
-    python = os.environ.get("ATE_TRAIN_PYTHON") or sys.executable
+    """This file as a script under $PYTHON (in CI a wrapper that makes TorchTitan train on CPU) or this interpreter,
+    with `root` first on PYTHONPATH."""
+    python = os.environ.get("PYTHON") or sys.executable
     env = {**_clean_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
         return subprocess.run([python, __file__, *map(str, args)], cwd=cwd, env=env, stdout=out,

@@ -8,7 +8,6 @@ value [K, H] = constant_experts.value, shared_gate/up/down = shared_experts.w1/w
     python probe.py dump OUT   (PYTHONPATH = a workspace): the tiny model with MoE++ off, as feature_off compares it
 """
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -231,6 +230,7 @@ def train(ws: Path, out: Path, steps: int) -> tuple[list, str]:
 
 def dump(out: Path) -> None:
     """The tiny model with MoE++ off: parameter shapes, logits, loss and gradients of one batch."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # both sides in plain fp32
     model = tiny_model(moepp=False)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 4096, (2, 32), generator=g)
@@ -251,8 +251,4 @@ def dump(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "dump":
-        import ate_run.deepseek_v2_lite  # noqa: F401
-
-        with contextlib.suppress(AttributeError):
-            torch.backends.cuda.matmul.allow_tf32 = False
         dump(Path(sys.argv[2]))

@@ -1,4 +1,4 @@
-"""feature/moe-plus-plus on TorchTitan and Megatron-LM, on CPU: the oracle (solution/<framework>/) scores 1 through
+"""feature/moe-plus-plus on the baselines (TorchTitan; Megatron-LM has no probe and oracle yet), on CPU: the oracle (solution/<framework>/) scores 1 through
 the hidden verifier (the framework-neutral property tests through tests/<framework>/probe.py, a short training run
 of the workspace's launch entry, the feature-off model against the pristine framework), and a change without the
 feature scores 0 having run the tests. TorchTitan trains through tests/torchtitan_cpu.py; the GPU runs go through

@@ -42,6 +42,10 @@ def _entry():
     import ate_run.pretrain_gpt as pg
 
     pg.init_world(DEVICE)
+    if DEVICE == "cuda":  # Megatron's layers draw their init from its CUDA RNG tracker, which needs its states
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     if DEVICE == "cpu" and not pg.cpu_emulation_active():
         pg.patch_cuda_for_cpu()
         pg.CudaOnCpu().__enter__()  # for the rest of this thread, as build_model does

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import adapters
+from bench.harness.agents.oracle import stage_solution
 from bench.harness.verifier import VERIFY_LIB
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,11 @@ def _env(fw: str, ws: Path, tmp: Path) -> dict:
 
 
 def solve(task: str, fw: str, ws: Path, tmp: Path) -> None:
-    """The task's oracle (bench/tasks/<task>/solution/<fw>/solve.sh) on the workspace."""
-    r = subprocess.run(["bash", str(TASKS / task / "solution" / fw / "solve.sh")], cwd=ws, env=_env(fw, ws, tmp),
+    """The task's oracle (bench/tasks/<task>/solution/<fw>/solve.sh, staged as the oracle agent stages it)."""
+    sol = stage_solution(
+        TASKS / task / "solution" / fw, tmp / f"solution-{len(list(tmp.glob('solution-*')))}"
+    )
+    r = subprocess.run(["bash", str(sol / "solve.sh")], cwd=ws, env={**_env(fw, ws, tmp), "ATE_SOLUTION": str(sol)},
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

@@ -66,6 +66,7 @@ def main(args: list[str]) -> None:
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = args
+        sys.path[0] = os.path.dirname(os.path.abspath(args[0]))  # as `python script.py` has it
         runpy.run_path(args[0], run_name="__main__")
 
 

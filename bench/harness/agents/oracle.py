@@ -1,8 +1,9 @@
 """The oracle agent: does what a correct agent would, from the task's `solution/<framework>/`.
 
-- `solve.sh`: copied to `<harness_dir>/oracle-solution/` (outside the workspace, readable by the agent)
-  and run as the agent (`as_agent=True`, same limits, read-only workspace stays read-only) from the
-  workspace, with ATE_WORKSPACE and ATE_SOLUTION (that folder, for files the script needs).
+- `solve.sh`: its folder is staged (`stage_solution`: the folder, the task's `solution/shared/` as `shared/`,
+  and `oracle_lib/*.py` such as `source_edit.py` beside the scripts), copied to `<harness_dir>/oracle-solution/`
+  (outside the workspace, readable by the agent) and run as the agent (`as_agent=True`, same limits, read-only
+  workspace stays read-only) from the workspace, with ATE_WORKSPACE and ATE_SOLUTION (that folder, for files the script needs).
 - `answer.md`: returned as the final message after `{{cite FILE SYMBOL}}` placeholders are replaced by
   the symbol's current lines (qa_keys.render_answer), so the oracle answer follows framework edits.
 Every task must score 1 with it; CI checks that for the CPU tasks.
@@ -11,12 +12,27 @@ Every task must score 1 with it; CI checks that for the CPU tasks.
 from __future__ import annotations
 
 import shlex
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from bench.harness import qa_keys
 from bench.harness.core import AgentContext, AgentResult, Event
 from bench.harness.verifier import harness_dir
+
+ORACLE_LIB = Path(__file__).resolve().parents[1] / "oracle_lib"  # code every oracle may import
+
+
+def stage_solution(sol: Path, dest: Path) -> Path:
+    """`dest` laid out as solve.sh sees it: `sol` itself, its task's `solution/shared/` (files the oracles of
+    several frameworks use) as `shared/`, and the shared oracle modules beside the scripts."""
+    shutil.copytree(sol, dest, dirs_exist_ok=True)
+    if (sol.parent / "shared").is_dir():
+        shutil.copytree(sol.parent / "shared", dest / "shared", dirs_exist_ok=True)
+    for f in ORACLE_LIB.glob("*.py"):
+        shutil.copy2(f, dest / f.name)
+    return dest
 
 
 class OracleAgent:
@@ -44,7 +60,8 @@ class OracleAgent:
         sb, q = ctx.sandbox, shlex.quote
         dst = f"{harness_dir(sb)}/oracle-solution"
         sb.exec(f"rm -rf {q(dst)}", timeout=60, as_agent=False)
-        sb.copy_in(sol, dst)
+        with tempfile.TemporaryDirectory(prefix="ate-oracle-") as tmp:
+            sb.copy_in(stage_solution(sol, Path(tmp) / "solution"), dst)
         sb.exec(f"chmod -R a+rX {q(dst)}", timeout=60, as_agent=False)
         env = {**ctx.extra.get("env", {}), "ATE_WORKSPACE": sb.workspace, "ATE_SOLUTION": dst}
         cmd = f"bash {q(dst)}/solve.sh"

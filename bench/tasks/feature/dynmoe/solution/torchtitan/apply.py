@@ -8,30 +8,8 @@ missing anchor stops with a message and leaves every file untouched.
 """
 
 import sys
-from pathlib import Path
 
-
-class Patch:
-    """One file's text, edited in memory at unique anchors."""
-
-    def __init__(self, root: Path, rel: str):
-        self.rel, self.path = rel, root / rel
-        self.text = self.path.read_text()
-
-    def _find(self, anchor: str) -> int:
-        n = self.text.count(anchor)
-        if n != 1:
-            sys.exit(f"apply.py: {self.rel}: anchor {anchor!r} found {n} times, expected once")
-        return self.text.index(anchor)
-
-    def replace(self, old: str, new: str) -> None:
-        i = self._find(old)
-        self.text = self.text[:i] + new + self.text[i + len(old) :]
-
-    def after_line(self, anchor: str, block: str) -> None:
-        end = self.text.index("\n", self._find(anchor)) + 1
-        self.text = self.text[:end] + block + self.text[end:]
-
+from source_edit import SourceEdits
 
 MOE_ARGS = """\
     # "top_k": each token takes top_k experts. "top_any" (DynMoE): each token takes every expert whose score
@@ -82,8 +60,8 @@ TOP_ANY = '''\
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-    moe = Patch(root, "torchtitan/models/moe/moe.py")
+    edits = SourceEdits(sys.argv[1] if len(sys.argv) > 1 else ".")
+    moe = edits.file("torchtitan/models/moe/moe.py")
     moe.after_line("    # if True, we force each experts get same amount of token via round-robin", MOE_ARGS)
     moe.replace(
         "        _debug_force_load_balance: bool = False,\n    ):",
@@ -123,7 +101,7 @@ def main() -> None:
         '        self.load_balance_coeff = moe_args.load_balance_coeff if moe_args.gating == "top_k" else None\n',
     )
 
-    job = Patch(root, "torchtitan/config/job_config.py")
+    job = edits.file("torchtitan/config/job_config.py")
     doc = '    """\n    If true, model definition will be printed to stdout after all model\n    converters have been applied.\n    """\n'
     job.replace(
         "    print_after_conversion: bool = False\n" + doc,
@@ -131,7 +109,7 @@ def main() -> None:
         '    """MoE routing: "top_k" or "top_any" (DynMoE top-any gating, per-expert trainable thresholds)."""\n',
     )
 
-    args = Patch(root, "torchtitan/models/deepseek_v3/model/args.py")
+    args = edits.file("torchtitan/models/deepseek_v3/model/args.py")
     args.after_line(
         "        self.moe_impl = job_config.parallelism.expert_parallel_comm_backend",
         "\n        gating = job_config.model.moe_gating\n"
@@ -141,7 +119,7 @@ def main() -> None:
         "        self.moe_args.__post_init__()\n",
     )
 
-    spec = Patch(root, "ate_run/deepseek_v2_lite.py")
+    spec = edits.file("ate_run/deepseek_v2_lite.py")
     spec.replace(
         '    def __init__(self, inner, path: Path):\n        self.inner, self.file = inner, open(path, "a")\n',
         "    def __init__(self, inner, path: Path, processor=None, tokens_per_step: int = 0):\n"
@@ -179,8 +157,7 @@ def main() -> None:
         '        processor.logger = JsonlLogger(processor.logger, out / "metrics.jsonl", processor,\n'
         "                                       tokens // max(1, parallel_dims.dp_shard * parallel_dims.dp_replicate))",
     )
-    for p in (moe, job, args, spec):  # write only when every anchor was found
-        p.path.write_text(p.text)
+    edits.write()  # only now: every anchor was found
     print("apply.py: DynMoE top-any gating added (--model.moe_gating top_any)")
 
 

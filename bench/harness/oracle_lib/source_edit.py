@@ -44,6 +44,11 @@ class SourceEdits:
         i = self.find(rel, old)
         self.texts[rel] = self.texts[rel][:i] + new + self.texts[rel][i + len(old) :]
 
+    def replace_each(self, edits) -> None:
+        """`replace` for each (rel, old, new) in `edits`, in order."""
+        for rel, old, new in edits:
+            self.replace(rel, old, new)
+
     def after_line(self, rel: str, anchor: str, block: str) -> None:
         """Insert `block` (whole lines) after the line holding `anchor`."""
         text = self.text(rel)

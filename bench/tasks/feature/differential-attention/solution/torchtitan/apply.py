@@ -8,7 +8,8 @@ any file is written.
 """
 
 import sys
-from pathlib import Path
+
+from source_edit import SourceEdits
 
 JOB = "torchtitan/config/job_config.py"
 ARGS = "torchtitan/models/deepseek_v3/model/args.py"
@@ -146,21 +147,11 @@ from torch import nn
 ]
 
 
-def main() -> int:
-    texts = {}
-    for path, old, new in EDITS:
-        text = texts.setdefault(path, Path(path).read_text())
-        if text.count(old) != 1:
-            print(
-                f"apply.py: anchor found {text.count(old)} times in {path}: {old.splitlines()[0]!r}",
-                file=sys.stderr,
-            )
-            return 1
-        texts[path] = text.replace(old, new)
-    for path, text in texts.items():
-        Path(path).write_text(text)
-    return 0
+def main() -> None:
+    edits = SourceEdits(sys.argv[1] if len(sys.argv) > 1 else ".")
+    edits.replace_each(EDITS)
+    edits.write()  # only now: every anchor was found
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

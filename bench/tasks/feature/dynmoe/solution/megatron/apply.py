@@ -8,30 +8,8 @@ exactly once; a missing anchor stops with a message and leaves every file untouc
 """
 
 import sys
-from pathlib import Path
 
-
-class Patch:
-    """One file's text, edited in memory at unique anchors."""
-
-    def __init__(self, root: Path, rel: str):
-        self.rel, self.path = rel, root / rel
-        self.text = self.path.read_text()
-
-    def _find(self, anchor: str) -> int:
-        n = self.text.count(anchor)
-        if n != 1:
-            sys.exit(f"apply.py: {self.rel}: anchor {anchor!r} found {n} times, expected once")
-        return self.text.index(anchor)
-
-    def replace(self, old: str, new: str) -> None:
-        i = self._find(old)
-        self.text = self.text[:i] + new + self.text[i + len(old) :]
-
-    def after_line(self, anchor: str, block: str) -> None:
-        end = self.text.index("\n", self._find(anchor)) + 1
-        self.text = self.text[:end] + block + self.text[end:]
-
+from source_edit import SourceEdits
 
 CONFIG_FIELD = '''
     moe_router_gating: str = "top_k"
@@ -114,15 +92,15 @@ class ActiveExperts:
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-    config = Patch(root, "megatron/core/transformer/transformer_config.py")
+    edits = SourceEdits(sys.argv[1] if len(sys.argv) > 1 else ".")
+    config = edits.file("megatron/core/transformer/transformer_config.py")
     config.after_line('    """Number of experts to route to for each token."""', CONFIG_FIELD)
     config.replace(
         "        super().__post_init__()\n        if self.fp16 and self.bf16:",
         "        super().__post_init__()\n" + CONFIG_CHECKS + "        if self.fp16 and self.bf16:",
     )
 
-    router = Patch(root, "megatron/core/transformer/moe/router.py")
+    router = edits.file("megatron/core/transformer/moe/router.py")
     router.replace("import torch\n", "import torch\nimport torch.nn.functional as F\n")
     router.after_line(
         "        self.input_jitter = None",
@@ -137,7 +115,7 @@ def main() -> None:
         '        if self.config.moe_router_gating == "top_any":\n            return self.top_any(input)\n',
     )
 
-    entry = Patch(root, "ate_run/pretrain_gpt.py")
+    entry = edits.file("ate_run/pretrain_gpt.py")
     entry.replace("# ---- checkpoints ----\n", METRIC + "# ---- checkpoints ----\n")
     entry.after_line(
         "            model, optimizer, scheduler = wrap_for_training(model, cfg, device)",
@@ -150,8 +128,7 @@ def main() -> None:
         "                    if active is not None:\n"
         "                        rec.update(active.pop(tokens_per_step))\n",
     )
-    for p in (config, router, entry):  # write only when every anchor was found
-        p.path.write_text(p.text)
+    edits.write()  # only now: every anchor was found
     print('apply.py: DynMoE top-any gating added ([model] moe_router_gating = "top_any")')
 
 

@@ -8,40 +8,8 @@ untouched.
 """
 
 import sys
-from pathlib import Path
 
-
-class Patch:
-    """One file's text, edited in memory at unique anchors."""
-
-    def __init__(self, root: Path, rel: str):
-        self.rel, self.path = rel, root / rel
-        self.text = self.path.read_text()
-
-    def _find(self, anchor: str) -> int:
-        n = self.text.count(anchor)
-        if n != 1:
-            sys.exit(f"apply.py: {self.rel}: anchor {anchor!r} found {n} times, expected once")
-        return self.text.index(anchor)
-
-    def replace(self, old: str, new: str) -> None:
-        i = self._find(old)
-        self.text = self.text[:i] + new + self.text[i + len(old) :]
-
-    def after_line(self, anchor: str, block: str) -> None:
-        """Insert `block` (whole lines) after the line holding `anchor`."""
-        end = self.text.index("\n", self._find(anchor)) + 1
-        self.text = self.text[:end] + block + self.text[end:]
-
-    def before_line(self, anchor: str, block: str) -> None:
-        start = self.text.rfind("\n", 0, self._find(anchor)) + 1
-        self.text = self.text[:start] + block + self.text[start:]
-
-    def indent(self, anchor: str) -> str:
-        """The leading whitespace of the line holding `anchor`."""
-        line = self.text[self.text.rfind("\n", 0, self._find(anchor)) + 1 :]
-        return line[: len(line) - len(line.lstrip())]
-
+from source_edit import SourceEdits
 
 CONFIG_FIELD = """\
     # "top_k": each token takes top_k experts. "top_any" (DynMoE): each token takes every expert whose score
@@ -111,8 +79,8 @@ def active_experts(load: torch.Tensor, tokens: int, router) -> dict:
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-    blocks = Patch(root, "pithtrain/models/blocks.py")
+    edits = SourceEdits(sys.argv[1] if len(sys.argv) > 1 else ".")
+    blocks = edits.file("pithtrain/models/blocks.py")
     blocks.before_line('    def validate(self, prefix: str = "model.router") -> None:', CONFIG_FIELD + "\n")
     blocks.before_line("        if self.num_experts < 1:", CONFIG_CHECKS)
     blocks.before_line("class GroupedExperts(nn.Module):", TOP_ANY_ROUTER)
@@ -121,15 +89,14 @@ def main() -> None:
         '        self.gate = (TopAnyRouter if router.gating == "top_any" else Router)(hidden_size, router)\n',
     )
 
-    train = Patch(root, "pithtrain/train.py")
+    train = edits.file("pithtrain/train.py")
     train.before_line("def load_stats(", METRIC)
-    train._find("    tokens_per_step = ")  # the name the metric line uses
+    train.find("    tokens_per_step = ")  # the name the metric line uses
     pad = train.indent("**load_stats(load),")
     train.after_line(
         "**load_stats(load),", f"{pad}**active_experts(load, tokens_per_step, cfg.model.router),\n"
     )
-    for p in (blocks, train):  # write only when every anchor was found
-        p.path.write_text(p.text)
+    edits.write()  # only now: every anchor was found
     print('apply.py: DynMoE top-any gating added (model.router.gating = "top_any")')
 
 

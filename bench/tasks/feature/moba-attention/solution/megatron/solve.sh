@@ -4,10 +4,4 @@
 set -euo pipefail
 cd "${ATE_WORKSPACE:-.}"
 SOL=${ATE_SOLUTION:-$(dirname "${BASH_SOURCE[0]}")}
-f=megatron/core/transformer/moba.py
-for g in "$f" tests/test_moba.py; do
-  [ ! -e "$g" ] || { echo "solve.sh: $g already exists" >&2; exit 1; }
-done
-"${PYTHON:-python3}" "$SOL/apply.py" .
-cp "$SOL/files/$f" "$f"
-mkdir -p tests && cp "$SOL/files/tests/test_moba.py" tests/test_moba.py
+"${PYTHON:-python3}" "$SOL/apply.py" .  # the edits, and shared/moba.py with its tests as new files

@@ -2,7 +2,7 @@
 
     python solve.py pithtrain/models/deepseek_v2.py
 
-The operator itself is a new file (files/pithtrain/ops/moba.py, copied by solve.sh); this script adds the
+The operator itself is a new file (../shared/moba.py, copied by solve.sh to pithtrain/ops/moba.py); this script adds the
 config keys, their checks and the call in Attention.forward. It finds its places with `ast` (not line numbers
 or diff context), so it survives unrelated edits to the file; any place it cannot find exactly once stops it
 with exit status 1 and the file untouched.

@@ -10,6 +10,10 @@ status 1 before any file is written.
 import sys
 from pathlib import Path
 
+from source_edit import SourceEdits
+
+SHARED = Path(__file__).parent / "shared"  # the operator and its tests, the same on every framework
+
 JOB_FIELDS = '''
     moba_block_size: int = 0
     """MoBA attention over key blocks of this many positions in every DeepSeek-V3 layer; 0: dense causal attention"""
@@ -76,24 +80,15 @@ EDITS = {  # file: [(anchor, its replacement)]
 }
 
 
-def main() -> int:
-    ws, new = Path(sys.argv[1]), {}
-    for rel, edits in EDITS.items():
-        text = (ws / rel).read_text()
-        for anchor, repl in edits:
-            if text.count(anchor) != 1:
-                print(
-                    f"apply.py: {rel}: anchor found {text.count(anchor)} times: {anchor.strip()[:60]!r}",
-                    file=sys.stderr,
-                )
-                return 1
-            text = text.replace(anchor, repl)
-        new[rel] = text
-    for rel, text in new.items():
-        (ws / rel).write_text(text)
+def main() -> None:
+    edits = SourceEdits(sys.argv[1] if len(sys.argv) > 1 else ".")
+    edits.replace_each((rel, old, new) for rel, pairs in EDITS.items() for old, new in pairs)
+    edits.add_file("torchtitan/models/moba.py", (SHARED / "moba.py").read_text())
+    tests = (SHARED / "test_moba.py").read_text()
+    edits.add_file("tests/test_moba.py", tests.replace("from moba import", "from torchtitan.models.moba import"))
+    edits.write()  # only now: every anchor was found and neither new file existed
     print("apply.py: MoBA added (model.moba_block_size, model.moba_topk)")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,9 +1,13 @@
-"""MoBA (torchtitan/models/moba.py): the mask against a per-query loop, and its limiting cases."""
+"""MoBA (the operator moba.py): the mask against a per-query loop, and its limiting cases.
+
+The oracles copy this file into each framework's tests/ with `from moba import` rewritten to the operator's module
+there; here, beside ../shared/moba.py, it runs as it is.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torchtitan.models.moba import moba_attention, moba_mask
+from moba import moba_attention, moba_mask
 
 
 def loop_mask(q, k, block_size, topk):

@@ -18,7 +18,8 @@ import torch
 
 DEVICE = "cpu"
 PREFIX = "model.router."
-KEYS = {"zero": "num_zero_experts", "copy": "num_copy_experts", "constant": "num_constant_experts"}
+FIELDS = {"zero": "num_zero_experts", "copy": "num_copy_experts", "constant": "num_constant_experts"}
+KEYS = {kind: PREFIX + field for kind, field in FIELDS.items()}  # the config keys errors must name
 FAMILIES = ("tiny-deepseek-v2-lite", "tiny-qwen3-moe")  # both model families' tiny configs
 TINY_MOEPP = {"num_zero_experts": 1, "num_copy_experts": 1, "num_constant_experts": 2}
 HERE = Path(__file__).resolve().parent  # its parent holds dump.py, copied from bench/harness/verify_lib
@@ -34,29 +35,31 @@ def defaults() -> dict:
     from pithtrain.models.blocks import RouterConfig
 
     r = RouterConfig()
-    return {kind: getattr(r, key, None) for kind, key in KEYS.items()} | {"residual": getattr(r, "gating_residual", None)}
+    return {kind: getattr(r, f, None) for kind, f in FIELDS.items()} | {"residual": getattr(r, "gating_residual", None)}
 
 
 def config_error(kind: str, value: int) -> str | None:
-    """The one-line errors of RouterConfig.validate and of load_config (both tiny configs) for a MoE++ count set to
-    `value` (None: both accepted it, and both configs carry it)."""
+    """Both one-line errors, of RouterConfig.validate and of load_config (both tiny configs), for a MoE++ count set to
+    `value`: None unless both reject it; the first that does not name the key where one does not."""
     from pithtrain.config import ConfigError
     from pithtrain.models.blocks import RouterConfig
 
-    key = KEYS[kind]
+    field = FIELDS[kind]
+    msgs = []
     try:
-        RouterConfig(**{key: value}).validate()
-        first = None
+        RouterConfig(**{field: value}).validate()
+        msgs.append(None)
     except ValueError as e:
-        first = str(e)
+        msgs.append(str(e))
     try:
-        got = {getattr(_config(name, [f"{PREFIX}{key}={value}"]).model.router, key) for name in FAMILIES}
+        got = {getattr(_config(name, [f"{KEYS[kind]}={value}"]).model.router, field) for name in FAMILIES}
+        assert got == {value}, (field, got)
+        msgs.append(None)
     except ConfigError as e:
-        return f"{first}; {e}" if first and PREFIX + key in first else str(e)
-    if first is not None:
-        return first
-    assert got == {value}, (key, got)
-    return None
+        msgs.append(str(e))
+    if None in msgs:
+        return None
+    return next((m for m in msgs if KEYS[kind] not in m), "; ".join(msgs))
 
 
 def build(spec: dict, params: dict | None):
@@ -65,7 +68,7 @@ def build(spec: dict, params: dict | None):
 
     cfg = RouterConfig(num_experts=spec["E"], top_k=spec["top_k"], score_func=spec["score_func"],
                        norm_topk_prob=spec["norm_topk"], routed_scaling_factor=spec["scale"],
-                       gating_residual=spec["residual"], **{KEYS[k]: spec[k] for k in KEYS})  # fmt: skip
+                       gating_residual=spec["residual"], **{FIELDS[k]: spec[k] for k in FIELDS})  # fmt: skip
     cfg.validate()
     layer = MoE(spec["H"], spec["I"], cfg, num_shared_experts=spec["shared"])
     if params:

@@ -36,7 +36,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--agent", default="oracle", choices=AGENT_NAMES, help="agent to run (default: oracle)")
     p.add_argument("--framework", default="pithtrain", choices=FRAMEWORKS,
-                   help="framework under test; a run covers the tasks that list it (torchtitan, megatron: the Q&A tasks, and the operate and feature tasks where a GPU is given; moe-plus-plus on torchtitan only)")
+                   help="framework under test; a run covers the tasks that list it (torchtitan, megatron: the Q&A tasks, and the operate and feature tasks where a GPU is given)")
     p.add_argument("--tasks", nargs="+", default=["all"], metavar="ID|CATEGORY",
                    help="task ids, categories (qa, operate, feature) or category/id; default: all")
     p.add_argument("--trials", type=int, default=1, help="trials per task (default 1)")

@@ -2,7 +2,7 @@
 the hidden verifier (the task's shared property tests through tests/<framework>/probe.py, then a short training run
 and the feature-off comparison with the pristine framework), and a change without the feature scores 0 in the
 property tests. Skipped where a framework is not installed. On the GPU the same oracles and verifiers run through
-bench.run. moe-plus-plus is on TorchTitan only so far (its task.toml lists the frameworks).
+bench.run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ NO_FEATURE = {
                        "megatron": "megatron/core/transformer/dot_product_attention.py"},
     "differential-attention": {"torchtitan": "torchtitan/models/deepseek_v3/model/model.py",
                                "megatron": "megatron/core/transformer/multi_latent_attention.py"},
-    "moe-plus-plus": {"torchtitan": "torchtitan/models/moe/moe.py"},
+    "moe-plus-plus": {"torchtitan": "torchtitan/models/moe/moe.py", "megatron": "megatron/core/transformer/moe/moe_layer.py"},
 }  # fmt: skip
 TRIALS = [pytest.param(task.id, fw.values[0], marks=fw.marks, id=f"{task.id}-{fw.values[0]}")
           for task in discover_tasks(["feature"]) for fw in FRAMEWORKS if fw.values[0] in task.frameworks]  # fmt: skip

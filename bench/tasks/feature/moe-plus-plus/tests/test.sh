@@ -20,8 +20,6 @@ if [ -z "$BASE" ]; then
 fi
 export PITHTRAIN_CACHE=$WORK/cache  # tokenize the builtin data afresh, not from a cache the agent could touch
 case "${ATE_FRAMEWORK_BASE:-pithtrain}" in
-  pithtrain) exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS/pithtrain" ;;
-  # TorchTitan: the framework-neutral property tests beside this file, through tests/<framework>/probe.py.
-  torchtitan) exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS" ;;
+  pithtrain|torchtitan|megatron) exec "$PY" "$TESTS/feature_pytest.py" "$WS" "$BASE" "$OUT/reward.json" "$WORK" "$TESTS" ;;
   *) echo "${ATE_TASK:-feature task}: no verifier for framework ${ATE_FRAMEWORK_BASE}" >&2; exit 2 ;;
 esac

@@ -8,40 +8,8 @@ must occur exactly once; a missing anchor stops with a message and leaves every 
 """
 
 import sys
-from pathlib import Path
 
-
-class Patch:
-    """One file's text, edited in memory at unique anchors."""
-
-    def __init__(self, root: Path, rel: str):
-        self.rel, self.path = rel, root / rel
-        self.text = self.path.read_text()
-
-    def _find(self, anchor: str) -> int:
-        n = self.text.count(anchor)
-        if n != 1:
-            sys.exit(f"apply.py: {self.rel}: anchor {anchor!r} found {n} times, expected once")
-        return self.text.index(anchor)
-
-    def replace(self, old: str, new: str) -> None:
-        i = self._find(old)
-        self.text = self.text[:i] + new + self.text[i + len(old) :]
-
-    def after_line(self, anchor: str, block: str) -> None:
-        """Insert `block` (whole lines) after the line holding `anchor`."""
-        end = self.text.index("\n", self._find(anchor)) + 1
-        self.text = self.text[:end] + block + self.text[end:]
-
-    def before_line(self, anchor: str, block: str) -> None:
-        start = self.text.rfind("\n", 0, self._find(anchor)) + 1
-        self.text = self.text[:start] + block + self.text[start:]
-
-    def indent(self, anchor: str) -> str:
-        """The leading whitespace of the line holding `anchor`."""
-        line = self.text[self.text.rfind("\n", 0, self._find(anchor)) + 1 :]
-        return line[: len(line) - len(line.lstrip())]
-
+from source_edit import SourceEdits
 
 CONFIG_FIELDS = '''\
     # MoE++ (Jin et al. 2024): zero-computation experts routed beside the num_experts FFN experts. The router
@@ -115,8 +83,8 @@ MOE_METHODS = '''\
 
 
 def main() -> None:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-    b = Patch(root, "pithtrain/models/blocks.py")
+    edits = SourceEdits(sys.argv[1] if len(sys.argv) > 1 else ".")
+    b = edits.file("pithtrain/models/blocks.py")
     b.replace("from dataclasses import dataclass\n", "from dataclasses import dataclass, replace\n")
     b.before_line('    def validate(self, prefix: str = "model.router") -> None:', CONFIG_FIELDS)
     b.before_line("        if self.num_experts < 1:", CONFIG_CHECKS)
@@ -195,7 +163,7 @@ def main() -> None:
         "            residual = route.logits if model.cfg.router.gating_residual else None\n",
     )
 
-    models = [Patch(root, f"pithtrain/models/{name}.py") for name in ("deepseek_v2", "qwen3_moe")]
+    models = [edits.file(f"pithtrain/models/{name}.py") for name in ("deepseek_v2", "qwen3_moe")]
     for m in models:
         m.replace(
             "    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):\n",
@@ -203,7 +171,7 @@ def main() -> None:
         )
         m.replace("y, route = self.mlp(h)", "y, route = self.mlp(h, residual)")
 
-    c = Patch(root, "pithtrain/config.py")
+    c = edits.file("pithtrain/config.py")
     c.before_line(
         "    experts = cfg.model.router.num_experts\n",
         "    r = cfg.model.router\n"
@@ -211,8 +179,7 @@ def main() -> None:
         '        raise ConfigError("model.router zero/copy/constant experts and gating_residual are not "\n'
         '                          "supported with parallel.pp > 1")\n',
     )
-    for p in (b, *models, c):  # write only when every anchor was found
-        p.path.write_text(p.text)
+    edits.write()  # only now: every anchor was found
     print("apply.py: MoE++ added (model.router.num_zero/copy/constant_experts, model.router.gating_residual)")
 
 

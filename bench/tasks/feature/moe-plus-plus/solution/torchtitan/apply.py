@@ -3,11 +3,13 @@ torchtitan/models/moe/moe.py and the DeepSeek-V3 decoder loop, plus the `tiny_mo
 
     python apply.py <workspace>
 
-Each edit replaces an exact piece of TorchTitan 0.2.2's source; a piece not found stops with a message naming it.
+Each edit replaces an exact piece of TorchTitan 0.2.2's source that must occur exactly once; a piece not found stops
+with a message naming it and leaves every file untouched.
 """
 
 import sys
-from pathlib import Path
+
+from source_edit import SourceEdits
 
 MOE_ARGS = (
     "    _debug_force_load_balance: bool = False\n"
@@ -301,19 +303,15 @@ EDITS = {
 }
 
 
-def main(ws: Path) -> None:
-    for rel, edits in EDITS.items():
-        path = ws / rel
-        text = path.read_text()
-        for old, new in edits:
-            if text.count(old) != 1:
-                sys.exit(
-                    f"apply.py: {rel} does not hold this piece exactly once: {old.splitlines()[0].strip()!r}"
-                )
-            text = text.replace(old, new)
-        path.write_text(text)
-        print(f"patched {rel}")
+def main() -> None:
+    edits = SourceEdits(sys.argv[1] if len(sys.argv) > 1 else ".")
+    for rel, pieces in EDITS.items():
+        f = edits.file(rel)
+        for old, new in pieces:
+            f.replace(old, new)
+    edits.write()  # only now: every piece was found
+    print("apply.py: MoE++ added (moe_args num_zero/copy/constant_experts, gating_residual; flavor tiny_moepp)")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main()

@@ -33,6 +33,7 @@ NAMES = {
     "shared_down": "shared_experts.w2.weight",
 }
 KEYS = {"zero": "num_zero_experts", "copy": "num_copy_experts", "constant": "num_constant_experts"}
+FAMILIES = ("tiny",)  # ate_run's deepseek_v2_lite flavor
 TINY_MOEPP = {
     "num_zero_experts": 1,
     "num_copy_experts": 1,
@@ -47,6 +48,14 @@ if DEVICE == "cpu" and not getattr(torch.histc, "ate_cpu", False):
         _histc(x, *a, **k) if x.is_floating_point() else _histc(x.float(), *a, **k).to(x.dtype)
     )
     torch.histc.ate_cpu = True
+
+
+def defaults() -> dict:
+    """The MoE++ settings of MoEArgs left at its defaults."""
+    from torchtitan.models.moe import MoEArgs
+
+    a = MoEArgs()
+    return {kind: getattr(a, key, None) for kind, key in KEYS.items()} | {"residual": getattr(a, "gating_residual", None)}
 
 
 def config_error(kind: str, value: int) -> str | None:
@@ -121,13 +130,13 @@ def grads(layer) -> dict:
 # ---- the tiny DeepSeek-V2-Lite model of ate_run ----
 
 
-def tiny_model(moepp: bool, residual: bool = True, layers: int = 3):
+def tiny_model(moepp: bool, residual: bool = True, layers: int = 3, family: str = "tiny"):
     """ate_run's tiny flavor (fp32, for-loop experts) with MoE++ on (one zero, one copy, two constant experts) or
     off, initialised by TorchTitan (seed 0)."""
     import ate_run.deepseek_v2_lite as spec
     from torchtitan.models.deepseek_v3 import DeepSeekV3Model
 
-    args = copy.deepcopy(spec.FLAVORS["tiny"])
+    args = copy.deepcopy(spec.FLAVORS[family])
     extra = {**TINY_MOEPP, "gating_residual": residual} if moepp else {}
     args = dataclasses.replace(
         args, n_layers=layers, moe_args=dataclasses.replace(args.moe_args, use_grouped_mm=False, **extra)
@@ -228,27 +237,34 @@ def train(ws: Path, out: Path, steps: int) -> tuple[list, str]:
     return rows, (r.stdout + r.stderr)[-1500:] if r.returncode else ""
 
 
-def dump(out: Path) -> None:
-    """The tiny model with MoE++ off: parameter shapes, logits, loss and gradients of one batch."""
+def _dump() -> dict:
+    """The tiny model with MoE++ off: parameter shapes, logits, loss, load and gradients of one batch."""
     torch.backends.cuda.matmul.allow_tf32 = False  # both sides in plain fp32
     model = tiny_model(moepp=False)
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 4096, (2, 32), generator=g)
     logits, loss = logits_and_loss(model, tokens, tokens.roll(-1, 1))
     loss.backward()
-    torch.save(
-        {
-            "shapes": {k: tuple(p.shape) for k, p in model.named_parameters()},
-            "logits": logits.detach().cpu(),
-            "loss": loss.detach().cpu(),
-            "load": model_load(model).cpu(),
-            "grads": {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None},
-        },
-        out,
-    )
+    return {"tiny": {"shapes": {k: tuple(p.shape) for k, p in model.named_parameters()},
+            "logits": logits.detach().cpu(), "loss": loss.detach().cpu(), "load": model_load(model).cpu(),
+            "grads": {k: p.grad.cpu() for k, p in model.named_parameters() if p.grad is not None}}}  # fmt: skip
+
+
+def dump(out: Path) -> dict:
+    """_dump() of the workspace, in this process."""
+    return _dump()
+
+
+def dump_pristine(base: Path, out: Path) -> dict:
+    """_dump() of the pristine framework, in a process of its own with it on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, __file__, "dump", str(out)], cwd=out.parent, env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, f"the pristine framework's dump: {(r.stdout + r.stderr)[-2000:]}"
+    return torch.load(out)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "dump":
-        dump(Path(sys.argv[2]))
+        torch.save(_dump(), sys.argv[2])

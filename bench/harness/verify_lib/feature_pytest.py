@@ -1,11 +1,17 @@
 """Verifier of a feature task: the hidden property tests and (on PithTrain) the pristine framework's own tests,
-run on the agent's workspace.
+run on the agent's workspace. Each task's tests/test.sh is this script:
 
-    python feature_pytest.py <workspace> <pristine framework> <reward.json> <scratch folder> <task tests folder>
+    python feature_pytest.py <workspace> <task tests folder> <out folder> [--pristine <test file>]
 
-The harness copies this file (and dump.py, which the e2e tests run) beside every task's hidden tests.
+The harness copies this file (and dump.py, which the e2e tests run, and the <framework>_feature.py the probes import)
+beside every task's hidden tests.
 
-Up to three pytest runs, each a child process with the workspace first on the path:
+A workspace without a change against its first git commit scores 0 without running anything. Otherwise a scratch
+folder beside <out folder> holds the pristine framework ($ATE_BASELINE, else `git archive` of that commit) and
+PITHTRAIN_CACHE (the builtin data tokenized afresh, not from a cache the agent could touch). --pristine: first
+`python <test file> pristine <scratch>/pristine.pt` with the pristine framework on PYTHONPATH (the feature-off
+outputs the tests compare with, path in $ATE_PRISTINE); its failure is the verifier's ("verifier: ...", exit 1).
+Then up to three pytest runs, each a child process with the workspace first on the path:
   props     test_*.py of the task's tests folder, except those marked e2e: the feature's properties on tiny inputs
   baseline  BASELINE_TESTS of the pristine framework's tests/, against the agent's code (PithTrain only: the
             baselines' registry packages ship no tests); at the same time as props
@@ -23,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -46,8 +53,58 @@ def junit(path: Path) -> tuple[int, list[str]]:
     return total, bad
 
 
+def git(ws: Path, *args: str) -> list[str]:
+    """A git command on the workspace, whoever owns it (run with GIT_ENV: no git configuration of the machine)."""
+    return ["git", "-c", "safe.directory=*", "-C", str(ws), *args]
+
+
+GIT_ENV = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def prepare(ws: Path, here: Path, out: Path, pristine: str | None) -> tuple[Path, Path] | None:
+    """(pristine framework, scratch folder); None when the workspace is unchanged (reward.json written)."""
+    run = lambda *a: subprocess.run(git(ws, *a), env=GIT_ENV, capture_output=True, text=True)  # noqa: E731
+    roots = run("rev-list", "--max-parents=0", "HEAD")
+    root = roots.stdout.split()[-1] if roots.returncode == 0 and roots.stdout.split() else ""
+    if root and run("diff", "--quiet", root, "--", ".").returncode == 0 \
+            and not run("ls-files", "--others", "--exclude-standard").stdout.strip():  # fmt: skip
+        reason = "the workspace is unchanged: no diff against the baseline commit"
+        (out / "reward.json").write_text(json.dumps({"reward": 0.0, "reason": reason}) + "\n")
+        return None
+    work = Path(tempfile.mkdtemp(prefix="work.", dir=out.parent))
+    base = Path(os.environ.get("ATE_BASELINE") or work / "baseline")
+    if not os.environ.get("ATE_BASELINE"):
+        base.mkdir()
+        if not root:
+            sys.exit(f"verifier: the workspace has no first git commit: {roots.stderr.strip()}")
+        archive = subprocess.Popen(git(ws, "archive", root), env=GIT_ENV, stdout=subprocess.PIPE)
+        tar = subprocess.run(["tar", "-x", "-C", str(base)], stdin=archive.stdout)
+        archive.stdout.close()
+        if archive.wait() or tar.returncode:
+            sys.exit(f"verifier: no pristine framework from the workspace's first commit {root!r}")
+    os.environ["PITHTRAIN_CACHE"] = str(work / "cache")
+    fw = os.environ.setdefault("ATE_FRAMEWORK_BASE", "pithtrain")
+    if fw not in ("pithtrain", "torchtitan", "megatron"):
+        print(f"{os.environ.get('ATE_TASK', 'feature task')}: no verifier for framework {fw}", file=sys.stderr)
+        sys.exit(2)
+    if pristine:  # the pristine framework's feature-off outputs, which the tests compare with
+        os.environ["ATE_PRISTINE"] = str(work / "pristine.pt")
+        env = {**os.environ, "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
+        with open(work / "pristine.log", "w") as log:
+            cmd = [os.environ.get("PYTHON") or "python3", str(here / pristine), "pristine", str(work / "pristine.pt")]
+            if subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+                tail = "\n".join((work / "pristine.log").read_text().splitlines()[-20:])
+                sys.exit(f"verifier: the pristine reference failed:\n{tail}")
+    return base, work
+
+
 def main() -> int:
-    ws, base, out, work, here = (Path(a).resolve() for a in sys.argv[1:6])
+    ws, here, out = (Path(a).resolve() for a in sys.argv[1:4])
+    pristine = sys.argv[5] if sys.argv[4:5] == ["--pristine"] else None
+    prepared = prepare(ws, here, out, pristine)
+    if prepared is None:
+        return 0
+    base, work = prepared
     missing = [m for m in ("torch", "pytest", "transformers") if importlib.util.find_spec(m) is None]
     if missing:  # the verifier's environment, not the agent's work
         sys.exit(f"check.py: {sys.executable} lacks {', '.join(missing)}")
@@ -129,7 +186,7 @@ def main() -> int:
         finish(name, proc, log)
     result["reward"] = 0.0 if reasons else 1.0
     result["reason"] = "; ".join(reasons)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    (out / "reward.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_failed")}))
     return 0
 

@@ -10,7 +10,6 @@ layer_number is 1-based; canonical layer i is decoder.layers[i]. Megatron's MLA 
 
 import json
 import os
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -18,7 +17,10 @@ from types import SimpleNamespace
 
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
+DEVICE = fp.DEVICE
 PACKAGE = "megatron.core"  # must be imported from the workspace (or the pristine copy)
 CANONICAL = {"wq": "linear_q_proj.weight", "wq_a": "linear_q_down_proj.weight", "q_norm": "q_layernorm.weight",
              "wq_b": "linear_q_up_proj.weight", "wkv_a": "linear_kv_down_proj.weight",
@@ -182,19 +184,12 @@ def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:
         raw["model"].update(bias_activation_fusion=False, bias_dropout_fusion=False)
     raw["train"].update(micro_batch_size=4, global_batch_size=4, seq_length=64)
     run.parent.mkdir(parents=True, exist_ok=True)
-    cfg = run.parent / "tiny-diff.toml"
-    cfg.write_text("".join(f"[{table}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-                           for table, values in raw.items()))  # TOML: JSON's scalars and lists  # fmt: skip
+    cfg = fp.write_toml(raw, run.parent / "tiny-diff.toml")
     try:  # the launch entry's own config check, here: a rejected config needs no training process
         pretrain_gpt().load_config(cfg)
     except Exception as e:
         raise AssertionError(f"the launch entry rejects the config with diff_attention = true: {e}") from None
-    # MASTER_ADDR/PORT are this process's world (the probe's models), not the run's.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ws), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "ate_run.pretrain_gpt", "--config", str(cfg), "--out", str(run),
-           "--train-iters", str(steps), "--no-save-optim", "--device", DEVICE]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    r = fp.megatron_train(ws, cfg, run, steps, timeout=300)
     assert r.returncode == 0, f"the training run exited {r.returncode}: {(r.stdout + r.stderr)[-800:]}"
     assert json.loads((run / "config.json").read_text())["model"].get("diff_attention") is True, (
         "the run's config.json lacks model.diff_attention = true"

@@ -19,6 +19,9 @@ from types import SimpleNamespace
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PACKAGE = "pithtrain"  # must be imported from the workspace (or the pristine copy)
 STEPS = 20
@@ -167,27 +170,13 @@ def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:
     r = subprocess.run(cmd, cwd=ws, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                        timeout=400)  # fmt: skip
     assert r.returncode == 0, f"the training run exited {r.returncode}: {(r.stdout + r.stderr)[-800:]}"
-    from pithtrain import checkpoint as ckpt
-    from pithtrain.config import build_config, model_classes
-    from pithtrain.data import TokenShards, builtin_dataset
-
     raw = json.loads((run / "config.json").read_text())
     raw.pop("source", None)
     assert raw["model"].get("diff_attention") is True, (
         "the run's config.json lacks model.diff_attention = true"
     )
-    cfg = build_config(raw)
-    torch.manual_seed(0)
-    model = model_classes(cfg.family)[1](cfg.model)
-    model.init_weights()
-    model.eval()
-    x, y = TokenShards(builtin_dataset()).batch(range(8), cfg.train.seq_len, "val")
-    with torch.no_grad():
-        before = model(x, labels=y).loss.item()
-        ckpt.load_model_weights(ckpt.latest_checkpoint(run), model)
-        after = model(x, labels=y).loss.item()
+    cfg, before, after, keys = fp.pithtrain_heldout(raw, run)  # its loading fails on a name the checkpoint lacks
     assert math.isfinite(after) and after < before - 0.3, f"held-out loss {before:.3f} -> {after:.3f}"
-    keys = {n for n, _ in model.named_parameters()}  # dcp.load above fails on a name the checkpoint lacks
     return SimpleNamespace(
         metrics=run / "metrics.jsonl", layers=cfg.model.num_hidden_layers, checkpoint_keys=keys
     )

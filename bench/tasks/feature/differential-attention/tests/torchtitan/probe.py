@@ -17,17 +17,17 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
+DEVICE = fp.DEVICE
 PACKAGE = "torchtitan"  # must be imported from the workspace (or the pristine copy)
 CANONICAL = {k: f"{k}.weight" for k in ("wq", "wq_a", "q_norm", "wq_b", "wkv_a", "kv_norm", "wkv_b", "wo")}
 CANONICAL.update(
     {k: k for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")}, head_norm="head_norm.weight"
 )
 
-if DEVICE == "cpu":  # TorchTitan's MoE counts tokens per expert with torch.histc on integer ids: CUDA only
-    _histc = torch.histc
-    torch.histc = lambda x, *a, **k: (_histc(x, *a, **k) if x.is_floating_point()
-                                      else _histc(x.float(), *a, **k).to(x.dtype))  # fmt: skip
+fp.torchtitan_cpu_histc()
 
 
 def model_args(m: dict, diff):

@@ -17,46 +17,21 @@ from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
 KEY = "moe_router_gating"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = fp.DEVICE
 # The probe's models and run leave Megatron's torch.compile'd fusions (SwiGLU, bias-dropout-add) off: compiling
 # them costs more than the tiny runs, and the feature does not touch them.
 FAMILIES = ("tiny",)  # ate_run/tiny.toml
 NO_FUSION = {"bias_activation_fusion": False, "bias_dropout_fusion": False}
 
 
-def _clean_env() -> dict:
-    """os.environ for a child process, less the rendezvous of this one's process group (its port is taken)."""
-    own = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    return {k: v for k, v in os.environ.items() if k not in own}
-
-
 def package_root() -> Path:
     import megatron.core
 
     return Path(megatron.core.__file__).resolve().parent.parent.parent
-
-
-def _entry():
-    """The workspace's launch entry, with Megatron's world of one and (without a GPU) its CPU emulation on."""
-    import ate_run.pretrain_gpt as pg
-
-    pg.init_world(DEVICE)
-    if DEVICE == "cuda":  # Megatron's layers draw their init from its CUDA RNG tracker, which needs its states
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(0)
-    if DEVICE == "cpu" and not pg.cpu_emulation_active():
-        pg.patch_cuda_for_cpu()
-        pg.CudaOnCpu().__enter__()  # for the rest of this thread, as build_model does
-    pg.fix_mcore_without_te()
-    return pg
-
-
-def _tiny(overrides: dict | None = None) -> dict:
-    pg = _entry()
-    base = Path(os.environ["ATE_BASE"])
-    return pg.load_config(base / "ate_run" / "tiny.toml", {"device": DEVICE, **(overrides or {})})
 
 
 class Layer:
@@ -66,8 +41,8 @@ class Layer:
     def __init__(self, hidden: int, inter: int, experts: int, shared: int, gating):
         from megatron.core.transformer.spec_utils import build_module
 
-        pg = _entry()
-        cfg = _tiny()
+        pg = fp.megatron_entry()
+        cfg = fp.megatron_tiny()
         model = cfg["model"]
         model.update(hidden_size=hidden, moe_ffn_hidden_size=inter, num_moe_experts=experts, bf16=False,
                      params_dtype=torch.float32, pipeline_dtype=torch.float32, moe_router_load_balancing_type="none",
@@ -148,8 +123,8 @@ class Layer:
 
 def configured_gating(value):
     """The gating the TransformerConfig of the tiny config carries (value None: the [model] key unset)."""
-    pg = _entry()
-    cfg = _tiny(None if value is None else {"model": {KEY: value}})
+    pg = fp.megatron_entry()
+    cfg = fp.megatron_tiny(None if value is None else {"model": {KEY: value}})
     return getattr(pg.model_config(cfg, "meta"), KEY, "top_k")
 
 
@@ -166,7 +141,7 @@ def _forward_model(cfg: dict):
     """(bare GPTModel, Float16Module around it: the forward training runs), as the launch entry builds them."""
     from megatron.core.transformer.module import Float16Module
 
-    pg = _entry()
+    pg = fp.megatron_entry()
     model = pg.build_model(cfg, DEVICE)
     return model, Float16Module(model.config, model.to(DEVICE))
 
@@ -181,7 +156,7 @@ def tiny_model(family: str = "tiny") -> dict:
     in canonical terms."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    model, fmodel = _forward_model(_tiny({"model": {KEY: "top_any", **NO_FUSION}}))
+    model, fmodel = _forward_model(fp.megatron_tiny({"model": {KEY: "top_any", **NO_FUSION}}))
     routers = [(name, m) for name, m in model.named_modules() if isinstance(m, TopKRouter)]
     thresholds = {name: m.threshold.detach().float().cpu().clone() for name, m in routers}
     pairs = []
@@ -203,14 +178,13 @@ def train(run: Path, steps: int):
     MoE layer, from the router outputs of the run)."""
     ws, base = Path(os.environ["ATE_WS"]), Path(os.environ["ATE_BASE"])
     run.mkdir(parents=True)
-    env = {**_clean_env(), "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, __file__, "train", run / "out", steps, base / "ate_run" / "tiny.toml"]
     with open(run / "train.log", "w") as log:
         r = subprocess.run(
-            list(map(str, args)), cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400
+            list(map(str, args)), cwd=ws, env=fp.child_env(ws), stdout=log, stderr=subprocess.STDOUT, timeout=400
         )
     assert r.returncode == 0, (run / "train.log").read_text()[-2000:]
-    rows = [json.loads(line) for line in (run / "out" / "metrics.jsonl").read_text().splitlines() if line]
+    rows = fp.rows(run / "out" / "metrics.jsonl")
     calls = json.loads((run / "routers.json").read_text())  # [pairs, tokens] per router call, in call order
     seen = [[p / t for p, t in calls[i : i + 2]] for i in range(0, len(calls), 2)]
     return rows, seen
@@ -218,14 +192,7 @@ def train(run: Path, steps: int):
 
 def dump_pristine(base: Path, out: Path) -> dict:
     """dump() of the pristine framework, in a process with it first on PYTHONPATH."""
-    env = {**_clean_env(), "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, __file__, "dump", str(base / "ate_run" / "tiny.toml"), str(out)], cwd=base,
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    if r.returncode != 0:  # the pristine framework failing is a bug of the verifier, not the agent's
-        raise RuntimeError(
-            f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}"
-        )
-    return torch.load(out)
+    return fp.dump_pristine(__file__, [base / "ate_run" / "tiny.toml", out], base, out, cwd=base)
 
 
 # ---- script side ----
@@ -238,11 +205,8 @@ def _train_main(out: str, steps: str, toml: str) -> None:
 
     from megatron.core.transformer.moe.router import TopKRouter
 
-    text = Path(toml).read_text()
-    for key, value in (("micro_batch_size", 4), ("global_batch_size", 4), ("seq_length", 64)):
-        text = re.sub(rf"^{key} = \d+", f"{key} = {value}", text, count=1, flags=re.M)
     extra = "".join(f"{k} = {str(v).lower()}\n" for k, v in NO_FUSION.items())
-    text = text.replace("[model]\n", f'[model]\n{KEY} = "top_any"\n{extra}', 1)
+    text = fp.small_batch(Path(toml).read_text(), f'{KEY} = "top_any"\n{extra}')
     config = Path(out).parent / "tiny-top-any.toml"
     config.write_text(text)
     calls = []
@@ -264,7 +228,7 @@ def dump(toml: Path | None = None) -> dict:
     """The feature-off tiny model (the config as shipped, in fp32 with fusions off: Megatron's bf16 MoE forward is
     not deterministic on a GPU) of the framework on the path: its state shapes, and the per-token losses and
     gradients of a training forward and backward on fixed tokens."""
-    pg = _entry()
+    pg = fp.megatron_entry()
     toml = toml or Path(os.environ["ATE_BASE"]) / "ate_run" / "tiny.toml"
     cfg = pg.load_config(toml, {"device": DEVICE, "model": NO_FUSION})
     cfg["model"].update(bf16=False, params_dtype=torch.float32, pipeline_dtype=torch.float32)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
 KEY = "model.router.gating"
 FAMILIES = ("tiny-deepseek-v2-lite", "tiny-qwen3-moe")  # both model families' tiny configs
-HERE = Path(__file__).resolve().parent  # its parent holds dump.py, copied from bench/harness/verify_lib
 
 
 def package_root() -> Path:
@@ -147,7 +149,7 @@ def train(run: Path, steps: int):
     env = {**os.environ, "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(list(map(str, args)), cwd=ws, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    rows = fp.rows(run / "metrics.jsonl")
     accum = json.loads((run / "config.json").read_text())["train"]["grad_accum"]
     calls = json.loads((run.parent / "routers.json").read_text())  # [pairs, tokens] per router call
     per_step = 2 * accum  # two MoE layers per forward
@@ -158,26 +160,17 @@ def train(run: Path, steps: int):
     return rows, seen
 
 
-def _dump(root: Path, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    configs = Path(os.environ["ATE_BASE"]) / "configs"
-    r = subprocess.run([sys.executable, str(HERE.parent / "dump.py"), str(configs), str(out)], cwd=out.parent,
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, f"{root}: {(r.stdout + r.stderr)[-2000:]}"
-    return torch.load(out)
-
-
 def dump_pristine(base: Path, out: Path) -> dict:
     """Both tiny models of the pristine framework, feature off (dump.py): shapes, logits, losses, expert load and
     gradients."""
-    return _dump(base, out)
+    return fp.pithtrain_dump(base, out)
 
 
 def dump() -> dict:
     """The same from the workspace (dump.py in a process of its own, as for the pristine one)."""
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"dynmoe-ws-{os.getpid()}.pt"
     try:
-        return _dump(Path(os.environ["ATE_WS"]), out)
+        return fp.pithtrain_dump(Path(os.environ["ATE_WS"]), out)
     finally:
         out.unlink(missing_ok=True)
 

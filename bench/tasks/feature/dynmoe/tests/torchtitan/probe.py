@@ -18,29 +18,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
 KEY = "model.moe_gating"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = fp.DEVICE
 SEED = 0
 FAMILIES = ("tiny",)  # the train spec's tiny flavor
 
 
-def _cpu_histc() -> None:
-    """TorchTitan counts tokens per expert with torch.histc on integer ids, which CUDA has and CPU lacks."""
-    if DEVICE == "cpu" and not getattr(torch.histc, "ate_cpu", False):
-        histc = torch.histc
-        torch.histc = lambda x, *a, **k: (
-            histc(x, *a, **k) if x.is_floating_point() else histc(x.float(), *a, **k).to(x.dtype)
-        )
-        torch.histc.ate_cpu = True
-
-
-_cpu_histc()
-
-
-def _clean_env() -> dict:
-    """os.environ for a child process, less the rendezvous of this one's process group (its port is taken)."""
-    own = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    return {k: v for k, v in os.environ.items() if k not in own}
+fp.torchtitan_cpu_histc()
 
 
 def package_root() -> Path:
@@ -177,9 +164,8 @@ def _run(args: list, cwd: Path, root: Path, log: Path, timeout: int) -> subproce
     """This file as a script under $PYTHON (in CI a wrapper that makes TorchTitan train on CPU) or this interpreter,
     with `root` first on PYTHONPATH."""
     python = os.environ.get("PYTHON") or sys.executable
-    env = {**_clean_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
-        return subprocess.run([python, __file__, *map(str, args)], cwd=cwd, env=env, stdout=out,
+        return subprocess.run([python, __file__, *map(str, args)], cwd=cwd, env=fp.child_env(root), stdout=out,
                               stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
 
 
@@ -191,7 +177,7 @@ def train(run: Path, steps: int):
     run.mkdir(parents=True)
     r = _run(["train", run, steps, base / "ate_run" / "tiny.toml"], ws, ws, run / "train.log", 400)
     assert r.returncode == 0, (run / "train.log").read_text()[-2000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    rows = fp.rows(run / "metrics.jsonl")
     calls = json.loads((run / "routers.json").read_text())  # [pairs, tokens] per router call, in call order
     layers = 2
     seen = [[p / t for p, t in calls[i : i + layers]] for i in range(0, len(calls), layers)]
@@ -200,14 +186,7 @@ def train(run: Path, steps: int):
 
 def dump_pristine(base: Path, out: Path) -> dict:
     """dump() of the pristine framework, in a process with it first on PYTHONPATH."""
-    env = {**_clean_env(), "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, __file__, "dump", str(base / "ate_run" / "tiny.toml"), str(out)], cwd=base,
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    if r.returncode != 0:  # the pristine framework failing is a bug of the verifier, not the agent's
-        raise RuntimeError(
-            f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}"
-        )
-    return torch.load(out)
+    return fp.dump_pristine(__file__, [base / "ate_run" / "tiny.toml", out], base, out, cwd=base)
 
 
 # ---- script side ----

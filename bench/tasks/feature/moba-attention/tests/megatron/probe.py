@@ -11,14 +11,16 @@ config is the pristine comparison's). The core slot is each layer's `self_attent
 
 import json
 import os
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
+DEVICE = fp.DEVICE
 KEY_PREFIX = ""  # the config errors name the bare key
 RUN = {
     "steps": 6,
@@ -166,15 +168,9 @@ def train(ws: Path, base: Path, run: Path, moba: tuple, steps: int) -> tuple[lis
     if DEVICE == "cpu":
         raw["model"].update(bias_activation_fusion=False, bias_dropout_fusion=False)
     run.mkdir(parents=True)
-    toml = run.parent / "moba.toml"
-    toml.write_text("".join(f"[{t}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items()) + "\n"
-                            for t, kv in raw.items()))  # fmt: skip
-    cmd = [sys.executable, "-m", "ate_run.pretrain_gpt", "--config", str(toml), "--train-iters", str(steps),
-           "--out", str(run), "--device", DEVICE, "--no-save-optim"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"} | {"PYTHONPATH": str(ws)}
-    r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=400)
+    r = fp.megatron_train(ws, fp.write_toml(raw, run.parent / "moba.toml"), run, steps, timeout=400)
     assert r.returncode == 0, f"the run exited {r.returncode}: {(r.stdout + r.stderr)[-800:]}"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = fp.rows(run / "metrics.jsonl")
     model = json.loads((run / "config.json").read_text()).get("model", {})
     return rows, (model.get("moba_block_size"), model.get("moba_topk"))
 

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
 DEVICE = "cpu"  # PithTrain's task runs on CPU (task.toml gpus = 0)
 KEY_PREFIX = "model."  # the config errors name the key as model.<key>
 RUN = {
@@ -174,33 +177,14 @@ def train(ws: Path, base: Path, run: Path, moba: tuple, steps: int) -> tuple[lis
     r = subprocess.run(cmd, cwd=run.parent, env={**os.environ, "PYTHONPATH": str(ws)}, capture_output=True,
                        text=True, timeout=400)  # fmt: skip
     assert r.returncode == 0, f"the run exited {r.returncode}: {(r.stdout + r.stderr)[-800:]}"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = fp.rows(run / "metrics.jsonl")
     raw = json.loads((run / "config.json").read_text())
     raw.pop("source", None)
     got = (raw["model"].get("moba_block_size"), raw["model"].get("moba_topk"))
     if got == tuple(moba):
-        before, after = heldout_losses(raw, run)
+        _, before, after, _ = fp.pithtrain_heldout(raw, run)
         assert math.isfinite(after) and after < before - 0.3, f"held-out loss {before:.3f} -> {after:.3f}"
     return rows, got
-
-
-def heldout_losses(raw: dict, run: Path) -> tuple[float, float]:
-    """Held-out loss of the run's model at init and from its final checkpoint."""
-    from pithtrain import checkpoint as ckpt
-    from pithtrain.config import build_config, model_classes
-    from pithtrain.data import TokenShards, builtin_dataset
-
-    cfg = build_config(raw)
-    torch.manual_seed(0)
-    model = model_classes(cfg.family)[1](cfg.model)
-    model.init_weights()
-    model.eval()
-    x, y = TokenShards(builtin_dataset()).batch(range(8), cfg.train.seq_len, "val")
-    with torch.no_grad():
-        before = model(x, labels=y).loss.item()
-        ckpt.load_model_weights(ckpt.latest_checkpoint(run), model)
-        after = model(x, labels=y).loss.item()
-    return before, after
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
+DEVICE = fp.DEVICE
 KEY_PREFIX = ""  # the config errors name the bare key
 RUN = {
     "steps": 6,
@@ -25,12 +28,7 @@ RUN = {
     "drop": 0.05,
 }  # the training run: steps, and the drop of the mean loss of its ends
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-if DEVICE == "cpu" and not getattr(torch.histc, "ate_cpu", False):
-    # TorchTitan's MoE counts tokens per expert with torch.histc on integer ids, which CUDA has and CPU lacks.
-    _histc = torch.histc
-    torch.histc = lambda x, *a, **k: (_histc(x, *a, **k) if x.is_floating_point()
-                                      else _histc(x.float(), *a, **k).to(x.dtype))  # fmt: skip
-    torch.histc.ate_cpu = True
+fp.torchtitan_cpu_histc()
 
 
 def model_args(spec: dict, moba):
@@ -190,7 +188,7 @@ def train(ws: Path, base: Path, run: Path, moba: tuple, steps: int) -> tuple[lis
     env = {**os.environ, "CONFIG_FILE": str(base / "ate_run" / "tiny.toml"), "NGPU": "1"}
     r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, f"the run exited {r.returncode}: {(r.stdout + r.stderr)[-800:]}"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = fp.rows(run / "metrics.jsonl")
     model = json.loads((run / "config.json").read_text()).get("model", {})
     return rows, (model.get("moba_block_size"), model.get("moba_topk"))
 

@@ -13,17 +13,18 @@ constant_experts.value, shared_gate/up/down = shared_experts.linear_fc1 (halves)
     python probe.py dump OUT   (PYTHONPATH = a workspace): the feature-off tiny model, as feature_off compares it
 """
 
-import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
+DEVICE = fp.DEVICE
 KEYS = {"zero": "moe_zero_experts", "copy": "moe_copy_experts", "constant": "moe_constant_experts"}
 RESIDUAL_KEY = "moe_router_gating_residual"
 FAMILIES = ("tiny",)  # ate_run/tiny.toml
@@ -37,31 +38,8 @@ FC1, FC2 = "experts.local_experts.{}.linear_fc1.weight", "experts.local_experts.
 SHARED1, SHARED2 = "shared_experts.linear_fc1.weight", "shared_experts.linear_fc2.weight"
 
 
-def _clean_env() -> dict:
-    """os.environ for a child process, less the rendezvous of this one's process group (its port is taken)."""
-    own = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    return {k: v for k, v in os.environ.items() if k not in own}
-
-
-def _entry():
-    """The workspace's launch entry, with Megatron's world of one and (without a GPU) its CPU emulation on."""
-    import ate_run.pretrain_gpt as pg
-
-    pg.init_world(DEVICE)
-    if DEVICE == "cuda":  # Megatron's layers draw their init from its CUDA RNG tracker, which needs its states
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(0)
-    if DEVICE == "cpu" and not pg.cpu_emulation_active():
-        pg.patch_cuda_for_cpu()
-        pg.CudaOnCpu().__enter__()  # for the rest of this thread, as build_model does
-    pg.fix_mcore_without_te()
-    return pg
-
-
 def _tiny(model: dict | None = None) -> dict:
-    pg = _entry()
-    return pg.load_config(Path(os.environ["ATE_BASE"]) / "ate_run" / "tiny.toml", {"device": DEVICE, "model": model or {}})
+    return fp.megatron_tiny({"model": model or {}})
 
 
 def defaults() -> dict:
@@ -75,7 +53,7 @@ def defaults() -> dict:
 def config_error(kind: str, value: int) -> str | None:
     """The one-line error of the launch entry's config check (TransformerConfig.__post_init__) for a MoE++ count set
     to `value` in [model], or None when accepted."""
-    pg = _entry()
+    pg = fp.megatron_entry()
     try:
         config = pg.model_config(_tiny({KEYS[kind]: value}), "meta")
     except ValueError as e:  # ate_run's ConfigError is one
@@ -96,7 +74,7 @@ def build(spec: dict, params: dict | None):
     eval mode), with the canonical `params` loaded."""
     from megatron.core.transformer.spec_utils import build_module
 
-    pg = _entry()
+    pg = fp.megatron_entry()
     cfg = _tiny()
     softmax = spec["score_func"] == "softmax"
     cfg["model"].update(
@@ -194,7 +172,7 @@ def tiny_model(moepp: bool, residual: bool = True, layers: int = 3, family: str 
     experts) or off, initialised by the launch entry (train.seed); its routers count their load."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    pg = _entry()
+    pg = fp.megatron_entry()
     extra = {**TINY_MOEPP, RESIDUAL_KEY: residual} if moepp else {}
     model = {"num_layers": layers, "moe_layer_freq": [0] + [1] * (layers - 1), **extra, **NO_FUSION}
     cfg = _tiny(model)
@@ -272,18 +250,11 @@ def train(ws: Path, out: Path, steps: int) -> tuple[list, str]:
     4 x 64 tokens, fusions off); -> (metrics rows, log tail on failure)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     text = (Path(os.environ["ATE_BASE"]) / "ate_run" / "tiny.toml").read_text()
-    for key, value in (("micro_batch_size", 4), ("global_batch_size", 4), ("seq_length", 64)):
-        text = re.sub(rf"^{key} = \d+", f"{key} = {value}", text, count=1, flags=re.M)
     extra = "".join(f"{k} = {str(v).lower()}\n" for k, v in {**TINY_MOEPP, **NO_FUSION}.items())
     config = out.parent / "tiny-moepp.toml"
-    config.write_text(text.replace("[model]\n", f"[model]\n{extra}", 1))
-    env = {**_clean_env(), "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ate_run.pretrain_gpt", "--config", str(config), "--train-iters", str(steps),
-           "--out", str(out), "--device", DEVICE, "--no-save-optim"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=400)
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(s) for s in metrics.read_text().splitlines() if s] if metrics.is_file() else []
-    return rows, (r.stdout + r.stderr)[-1500:] if r.returncode else ""
+    config.write_text(fp.small_batch(text, extra))
+    r = fp.megatron_train(ws, config, out, steps, timeout=400)
+    return fp.rows(out / "metrics.jsonl", missing_ok=True), (r.stdout + r.stderr)[-1500:] if r.returncode else ""
 
 
 def _dump() -> dict:
@@ -304,12 +275,7 @@ def dump(out: Path) -> dict:
 
 def dump_pristine(base: Path, out: Path) -> dict:
     """_dump() of the pristine framework, in a process with it first on PYTHONPATH."""
-    env = {**_clean_env(), "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, __file__, "dump", str(out)], cwd=base, env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
-    if r.returncode != 0:  # the pristine framework failing is a bug of the verifier, not the agent's
-        raise RuntimeError(f"verifier bug: probe.py dump of the pristine framework: {(r.stdout + r.stderr)[-2000:]}")
-    return torch.load(out)
+    return fp.dump_pristine(__file__, [out], base, out, cwd=base)
 
 
 if __name__ == "__main__":

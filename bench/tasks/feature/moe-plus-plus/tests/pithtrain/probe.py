@@ -8,7 +8,6 @@ w_gate/w_up [E, I, H] = the halves of experts.w_gate_up [E, H, 2I] (transposed),
 [E, I, H] (transposed), mix / value = constant_experts.w_mix / value, shared_gate/up/down = shared_experts.*_proj.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -16,13 +15,15 @@ from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
 DEVICE = "cpu"
 PREFIX = "model.router."
 FIELDS = {"zero": "num_zero_experts", "copy": "num_copy_experts", "constant": "num_constant_experts"}
 KEYS = {kind: PREFIX + field for kind, field in FIELDS.items()}  # the config keys errors must name
 FAMILIES = ("tiny-deepseek-v2-lite", "tiny-qwen3-moe")  # both model families' tiny configs
 TINY_MOEPP = {"num_zero_experts": 1, "num_copy_experts": 1, "num_constant_experts": 2}
-HERE = Path(__file__).resolve().parent  # its parent holds dump.py, copied from bench/harness/verify_lib
 
 
 def _config(name: str, sets=()):
@@ -215,27 +216,17 @@ def train(ws: Path, out: Path, steps: int) -> tuple[list, str]:
            f"{FAMILIES[0]}.toml")] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ws), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=400)
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(s) for s in metrics.read_text().splitlines() if s] if metrics.is_file() else []
+    rows = fp.rows(out / "metrics.jsonl", missing_ok=True)
     assert all(len(row.get("load_cv", ())) == 2 for row in rows), "metrics rows lack load_cv of both MoE layers"
     return rows, r.stderr[-1500:] if r.returncode else ""
-
-
-def _dump(root: Path, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    configs = Path(os.environ["ATE_BASE"]) / "configs"
-    r = subprocess.run([sys.executable, str(HERE.parent / "dump.py"), str(configs), str(out)], cwd=out.parent,
-                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, f"{root}: {(r.stdout + r.stderr)[-2000:]}"
-    return torch.load(out)
 
 
 def dump_pristine(base: Path, out: Path) -> dict:
     """Both tiny models of the pristine framework, MoE++ off (dump.py): shapes, logits, losses, expert load and
     gradients."""
-    return _dump(base, out)
+    return fp.pithtrain_dump(base, out)
 
 
 def dump(out: Path) -> dict:
     """The same from the workspace (dump.py in a process of its own, as for the pristine one)."""
-    return _dump(Path(os.environ["ATE_WS"]), out)
+    return fp.pithtrain_dump(Path(os.environ["ATE_WS"]), out)

@@ -10,7 +10,6 @@ value [K, H] = constant_experts.value, shared_gate/up/down = shared_experts.w1/w
 
 import copy
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -19,7 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+import feature_probe as fp  # noqa: E402
+
+DEVICE = fp.DEVICE
 NAMES = {
     "gate": "router.gate.weight",
     "residual": "router.residual_weight",
@@ -41,13 +43,7 @@ TINY_MOEPP = {
     "gating_residual": True,
 }
 
-if DEVICE == "cpu" and not getattr(torch.histc, "ate_cpu", False):
-    # TorchTitan's MoE counts tokens per expert with torch.histc on integer ids, which CUDA has and CPU lacks.
-    _histc = torch.histc
-    torch.histc = lambda x, *a, **k: (
-        _histc(x, *a, **k) if x.is_floating_point() else _histc(x.float(), *a, **k).to(x.dtype)
-    )
-    torch.histc.ate_cpu = True
+fp.torchtitan_cpu_histc()
 
 
 def defaults() -> dict:
@@ -232,8 +228,7 @@ def train(ws: Path, out: Path, steps: int) -> tuple[list, str]:
         "1",
     ]
     r = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=400)
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(s) for s in metrics.read_text().splitlines() if s] if metrics.is_file() else []
+    rows = fp.rows(out / "metrics.jsonl", missing_ok=True)
     return rows, (r.stdout + r.stderr)[-1500:] if r.returncode else ""
 
 
@@ -257,11 +252,7 @@ def dump(out: Path) -> dict:
 
 def dump_pristine(base: Path, out: Path) -> dict:
     """_dump() of the pristine framework, in a process of its own with it on PYTHONPATH."""
-    env = {**os.environ, "PYTHONPATH": str(base), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, __file__, "dump", str(out)], cwd=out.parent, env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 0, f"the pristine framework's dump: {(r.stdout + r.stderr)[-2000:]}"
-    return torch.load(out)
+    return fp.dump_pristine(__file__, [out], base, out, cwd=out.parent)
 
 
 if __name__ == "__main__":

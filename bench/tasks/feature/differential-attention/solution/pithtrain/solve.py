@@ -8,7 +8,8 @@ file; any place it cannot find exactly once stops it with exit status 1 and the 
 
 import ast
 import sys
-from pathlib import Path
+
+from ast_edit import Anchor, Source, calls, main, method, one, top
 
 NEW_CODE = '''
 
@@ -80,62 +81,6 @@ NO_EXPORT = """\
 """
 
 
-class Anchor(Exception):
-    pass
-
-
-def one(nodes: list, what: str):
-    if len(nodes) != 1:
-        raise Anchor(f"expected exactly one {what}, found {len(nodes)}")
-    return nodes[0]
-
-
-def top(tree: ast.Module, kind, name: str):
-    return one([n for n in tree.body if isinstance(n, kind) and n.name == name], f"top-level {name}")
-
-
-def method(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
-    return one(
-        [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name], f"{cls.name}.{name}"
-    )
-
-
-def calls(node: ast.AST, name: str) -> list[ast.Call]:
-    """Calls of `name` or `anything.name` inside node."""
-    out = []
-    for n in ast.walk(node):
-        if isinstance(n, ast.Call):
-            f = n.func
-            if (isinstance(f, ast.Name) and f.id == name) or (
-                isinstance(f, ast.Attribute) and f.attr == name
-            ):
-                out.append(n)
-    return out
-
-
-class Source:
-    """The file as lines; every edit re-parses, so later anchors see earlier edits."""
-
-    def __init__(self, text: str):
-        self.lines = text.splitlines(keepends=True)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def tree(self) -> ast.Module:
-        return ast.parse(self.text)
-
-    def insert(self, after_line: int, text: str) -> None:  # after 1-based line `after_line`
-        self.lines[after_line:after_line] = text.splitlines(keepends=True)
-
-    def replace(self, first: int, last: int, text: str) -> None:  # 1-based, inclusive
-        self.lines[first - 1 : last] = text.splitlines(keepends=True)
-
-    def segment(self, node: ast.AST) -> str:
-        return ast.get_source_segment(self.text, node)
-
-
 def edit(src: Source) -> None:
     # 1. the config key and its check
     cfg_cls = top(src.tree(), ast.ClassDef, "DeepseekV2Config")
@@ -191,21 +136,5 @@ def edit(src: Source) -> None:
     compile(src.text, "deepseek_v2.py", "exec")
 
 
-def main() -> int:
-    path = Path(sys.argv[1])
-    src = Source(path.read_text())
-    if "diff_attention" in src.text:
-        print(f"solve.py: {path} already mentions diff_attention; refusing to edit twice", file=sys.stderr)
-        return 1
-    try:
-        edit(src)
-    except Anchor as e:
-        print(f"solve.py: {path}: {e} (the framework changed under the oracle)", file=sys.stderr)
-        return 1
-    path.write_text(src.text)
-    print(f"solve.py: {path}: differential attention added (model.diff_attention)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(edit, "diff_attention", "differential attention added (model.diff_attention)"))

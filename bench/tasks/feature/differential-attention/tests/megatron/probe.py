@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # canonical_attention.py; feature_probe.py (verify_lib)
+import canonical_attention as ca  # noqa: E402
 import feature_probe as fp  # noqa: E402
 
 DEVICE = fp.DEVICE
@@ -86,43 +87,10 @@ def attn(model, i: int):
     return model.decoder.layers[i].self_attention
 
 
-def new_param_names(i: int) -> dict:
-    return {k: f"decoder.layers.{i}.self_attention.{CANONICAL[k]}" for k in ("lambda_q1", "lambda_k1", "lambda_q2",
-                                                                               "lambda_k2", "head_norm")}  # fmt: skip
-
-
-def param_shapes(model) -> dict:
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-
-def lambda_init(model, i: int) -> float:
-    return float(attn(model, i).lambda_init)
-
-
-def _mapped(model, i: int) -> dict:
-    a = attn(model, i)
-    return {k: a.get_parameter(v) for k, v in CANONICAL.items() if _has(a, v)}
-
-
-def _has(module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
-
-
-def attention_params(model, i: int) -> dict:
-    return {k: p.detach() for k, p in _mapped(model, i).items()}
-
-
-def load_attention(model, i: int, params: dict) -> None:
-    mapped = _mapped(model, i)
-    missing = sorted(set(params) - set(mapped))
-    assert not missing, f"layer {i} self_attention lacks {[CANONICAL[k] for k in missing]}"
-    with torch.no_grad():
-        for k, v in params.items():
-            mapped[k].copy_(v)
+VIEWS = ca.Views(CANONICAL, attn, "decoder.layers.{}.self_attention")  # the canonical terms, as the other probes give them
+new_param_names, lambda_init, attention_params, load_attention, attention_grads = (
+    VIEWS.new_param_names, VIEWS.lambda_init, VIEWS.attention_params, VIEWS.load_attention, VIEWS.attention_grads)
+param_shapes, perturb, grads = ca.param_shapes, ca.perturb, ca.grads
 
 
 def attention(model, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -132,10 +100,6 @@ def attention(model, i: int, x: torch.Tensor) -> torch.Tensor:
     out, bias = a(x.transpose(0, 1).contiguous(), None)
     out = out if bias is None else out + bias
     return out.transpose(0, 1)
-
-
-def attention_grads(model, i: int) -> dict:
-    return {k: p.grad for k, p in _mapped(model, i).items() if p.grad is not None}
 
 
 def _positions(ids: torch.Tensor) -> torch.Tensor:
@@ -151,13 +115,6 @@ def loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return model(ids, _positions(ids), None, labels=labels).float().mean()
 
 
-def perturb(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
-
-
 def state(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
@@ -168,10 +125,6 @@ def load_state(model, saved: dict) -> None:
         f"state-dict keys differ from the pristine model's: {sorted(own ^ set(saved))[:6]}"
     )
     model.load_state_dict(saved, strict=False)
-
-
-def grads(model) -> dict:
-    return {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:

@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # feature_probe.py (verify_lib), beside the tests
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # canonical_attention.py; feature_probe.py (verify_lib)
+import canonical_attention as ca  # noqa: E402
 import feature_probe as fp  # noqa: E402
 
 DEVICE = fp.DEVICE
@@ -87,50 +88,16 @@ def attn(model, i: int):
     return model.layers[str(i)].attention
 
 
-def new_param_names(i: int) -> dict:
-    return {k: f"layers.{i}.attention.{CANONICAL[k]}" for k in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2",
-                                                                   "head_norm")}  # fmt: skip
-
-
-def param_shapes(model) -> dict:
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
-
-
-def lambda_init(model, i: int) -> float:
-    return float(attn(model, i).lambda_init)
-
-
-def _mapped(model, i: int) -> dict:
-    a, out = attn(model, i), {}
-    for k, v in CANONICAL.items():
-        try:
-            out[k] = a.get_parameter(v)
-        except AttributeError:
-            pass
-    return out
-
-
-def attention_params(model, i: int) -> dict:
-    return {k: p.detach() for k, p in _mapped(model, i).items()}
-
-
-def load_attention(model, i: int, params: dict) -> None:
-    mapped = _mapped(model, i)
-    missing = sorted(set(params) - set(mapped))
-    assert not missing, f"layer {i} attention lacks {[CANONICAL[k] for k in missing]}"
-    with torch.no_grad():
-        for k, v in params.items():
-            mapped[k].copy_(v)
+VIEWS = ca.Views(CANONICAL, attn, "layers.{}.attention")  # the canonical terms, as the other probes give them
+new_param_names, lambda_init, attention_params, load_attention, attention_grads = (
+    VIEWS.new_param_names, VIEWS.lambda_init, VIEWS.attention_params, VIEWS.load_attention, VIEWS.attention_grads)
+param_shapes, perturb, grads = ca.param_shapes, ca.perturb, ca.grads
 
 
 def attention(model, i: int, x: torch.Tensor) -> torch.Tensor:
     a = attn(model, i)
     a.zero_grad(set_to_none=True)
     return a(x, model.freqs_cis, None)
-
-
-def attention_grads(model, i: int) -> dict:
-    return {k: p.grad for k, p in _mapped(model, i).items() if p.grad is not None}
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -143,23 +110,12 @@ def loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.flatten(0, 1).float(), labels.flatten())
 
 
-def perturb(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device))
-
-
 def state(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def load_state(model, saved: dict) -> None:
     model.load_state_dict(saved, strict=True)
-
-
-def grads(model) -> dict:
-    return {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def train(ws: Path, run: Path, steps: int) -> SimpleNamespace:

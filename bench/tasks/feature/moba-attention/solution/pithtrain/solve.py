@@ -10,7 +10,8 @@ with exit status 1 and the file untouched.
 
 import ast
 import sys
-from pathlib import Path
+
+from ast_edit import Anchor, Source, main, method, one, top
 
 CONFIG_FIELDS = """\
     moba_block_size: int = 0  # > 0: MoBA attention (ops/moba.py) over key blocks of this many positions
@@ -33,48 +34,6 @@ ATTEND = '''
         return {fn}(q, k, v{kwargs})
 '''
 IMPORT = "from pithtrain.ops.moba import moba_attention\n"
-
-
-class Anchor(Exception):
-    pass
-
-
-def one(nodes: list, what: str):
-    if len(nodes) != 1:
-        raise Anchor(f"expected exactly one {what}, found {len(nodes)}")
-    return nodes[0]
-
-
-def top(tree: ast.Module, kind, name: str):
-    return one([n for n in tree.body if isinstance(n, kind) and n.name == name], f"top-level {name}")
-
-
-def method(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
-    found = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name]
-    return one(found, f"{cls.name}.{name}")
-
-
-class Source:
-    """The file as lines; every edit re-parses, so later anchors see earlier edits."""
-
-    def __init__(self, text: str):
-        self.lines = text.splitlines(keepends=True)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def tree(self) -> ast.Module:
-        return ast.parse(self.text)
-
-    def insert(self, after_line: int, text: str) -> None:  # after 1-based line `after_line`
-        self.lines[after_line:after_line] = text.splitlines(keepends=True)
-
-    def replace(self, first: int, last: int, text: str) -> None:  # 1-based, inclusive
-        self.lines[first - 1 : last] = text.splitlines(keepends=True)
-
-    def segment(self, node: ast.AST) -> str:
-        return ast.get_source_segment(self.text, node)
 
 
 def edit(src: Source) -> None:
@@ -122,21 +81,5 @@ def edit(src: Source) -> None:
     compile(src.text, "deepseek_v2.py", "exec")
 
 
-def main() -> int:
-    path = Path(sys.argv[1])
-    src = Source(path.read_text())
-    if "moba" in src.text:
-        print(f"solve.py: {path} already mentions moba; refusing to edit twice", file=sys.stderr)
-        return 1
-    try:
-        edit(src)
-    except Anchor as e:
-        print(f"solve.py: {path}: {e} (the framework changed under the oracle)", file=sys.stderr)
-        return 1
-    path.write_text(src.text)
-    print(f"solve.py: {path}: MoBA attention added (model.moba_block_size, model.moba_topk)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(edit, "moba", "MoBA attention added (model.moba_block_size, model.moba_topk)"))

@@ -45,6 +45,12 @@ class Views:
         return {k: p.grad for k, p in self.mapped(model, i).items() if p.grad is not None}
 
 
+def views(canonical: dict, attn, prefix: str) -> tuple:
+    """A probe's new_param_names, lambda_init, attention_params, load_attention, attention_grads (see Views)."""
+    v = Views(canonical, attn, prefix)
+    return v.new_param_names, v.lambda_init, v.attention_params, v.load_attention, v.attention_grads
+
+
 def param_shapes(model) -> dict:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 

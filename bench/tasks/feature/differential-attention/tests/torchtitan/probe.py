@@ -20,6 +20,7 @@ import torch.nn.functional as F
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # canonical_attention.py; feature_probe.py (verify_lib)
 import canonical_attention as ca  # noqa: E402
 import feature_probe as fp  # noqa: E402
+from canonical_attention import grads, param_shapes, perturb  # noqa: E402, F401  (the probe's)
 
 DEVICE = fp.DEVICE
 PACKAGE = "torchtitan"  # must be imported from the workspace (or the pristine copy)
@@ -88,10 +89,8 @@ def attn(model, i: int):
     return model.layers[str(i)].attention
 
 
-VIEWS = ca.Views(CANONICAL, attn, "layers.{}.attention")  # the canonical terms, as the other probes give them
-new_param_names, lambda_init, attention_params, load_attention, attention_grads = (
-    VIEWS.new_param_names, VIEWS.lambda_init, VIEWS.attention_params, VIEWS.load_attention, VIEWS.attention_grads)
-param_shapes, perturb, grads = ca.param_shapes, ca.perturb, ca.grads
+new_param_names, lambda_init, attention_params, load_attention, attention_grads = ca.views(
+    CANONICAL, attn, "layers.{}.attention")  # the canonical terms, as the other probes give them
 
 
 def attention(model, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -89,12 +89,10 @@ def megatron_train(ws: Path, config: Path, out: Path, steps: int, timeout: int, 
 
 
 def torchtitan_cpu_histc() -> None:
-    """TorchTitan's MoE counts tokens per expert with torch.histc on integer ids, which CUDA has and CPU lacks."""
-    if DEVICE == "cpu" and not getattr(torch.histc, "ate_cpu", False):
-        histc = torch.histc
-        torch.histc = lambda x, *a, **k: (histc(x, *a, **k) if x.is_floating_point()
-                                         else histc(x.float(), *a, **k).to(x.dtype))  # fmt: skip
-        torch.histc.ate_cpu = True
+    """torchtitan_probe.cpu_histc on DEVICE (integer torch.histc on CPU, for TorchTitan's MoE)."""
+    from torchtitan_probe import cpu_histc
+
+    cpu_histc(DEVICE)
 
 
 # ---- PithTrain ----
@@ -103,7 +101,7 @@ def torchtitan_cpu_histc() -> None:
 def pithtrain_dump(root: Path, out: Path) -> dict:
     """Both tiny models of the framework at `root` with the feature off (dump.py beside the tests, in a process of
     its own): shapes, logits, losses, expert load and gradients."""
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = child_env(root)
     configs = Path(os.environ["ATE_BASE"]) / "configs"
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("dump.py")), str(configs), str(out)],
                        cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -54,17 +54,23 @@ def job_config(baseline: Path, flavor: str, extra: list[str] = ()):
     return ConfigManager().parse_args(["--job.config_file", str(baseline / "ate_run" / f"{flavor}.toml"), *extra])
 
 
+def cpu_histc(device: str) -> None:
+    """TorchTitan's MoE counts tokens per expert with torch.histc on integer ids, which CUDA has and CPU lacks."""
+    import torch
+
+    if device == "cpu" and not getattr(torch.histc, "ate_cpu", False):
+        histc = torch.histc
+        torch.histc = lambda x, *a, **k: (histc(x, *a, **k) if x.is_floating_point()
+                                         else histc(x.float(), *a, **k).to(x.dtype))  # fmt: skip
+        torch.histc.ate_cpu = True
+
+
 def build_model(config, device: str):
     """The spec's model for a job config, initialised by TorchTitan (buffers included), fp32, on `device`."""
     import torch
     from torchtitan.protocols import train_spec as ts
 
-    if device == "cpu" and not getattr(torch.histc, "ate_cpu", False):
-        # TorchTitan's MoE counts tokens per expert with torch.histc on integer ids, which CUDA has and CPU lacks.
-        histc = torch.histc
-        torch.histc = lambda x, *a, **k: (histc(x, *a, **k) if x.is_floating_point()
-                                         else histc(x.float(), *a, **k).to(x.dtype))
-        torch.histc.ate_cpu = True
+    cpu_histc(device)
     spec = ts.get_train_spec(config.model.name)
     args = copy.deepcopy(spec.model_args[config.model.flavor])
     args.update_from_config(config)

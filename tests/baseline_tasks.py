@@ -53,9 +53,7 @@ def _env(fw: str, ws: Path, tmp: Path) -> dict:
 
 def solve(task: str, fw: str, ws: Path, tmp: Path) -> None:
     """The task's oracle (bench/tasks/<task>/solution/<fw>/solve.sh, staged as the oracle agent stages it)."""
-    sol = stage_solution(
-        TASKS / task / "solution" / fw, tmp / f"solution-{len(list(tmp.glob('solution-*')))}"
-    )
+    sol = stage_solution(TASKS / task / "solution" / fw, tmp / f"solution-{len(list(tmp.glob('solution-*')))}")
     r = subprocess.run(["bash", str(sol / "solve.sh")], cwd=ws, env={**_env(fw, ws, tmp), "ATE_SOLUTION": str(sol)},
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

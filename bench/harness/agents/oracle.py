@@ -3,7 +3,8 @@
 - `solve.sh`: its folder is staged (`stage_solution`: the folder, the task's `solution/shared/` as `shared/`,
   and `oracle_lib/*.py` such as `source_edit.py` beside the scripts), copied to `<harness_dir>/oracle-solution/`
   (outside the workspace, readable by the agent) and run as the agent (`as_agent=True`, same limits, read-only
-  workspace stays read-only) from the workspace, with ATE_WORKSPACE and ATE_SOLUTION (that folder, for files the script needs).
+  workspace stays read-only) from the workspace, with ATE_WORKSPACE and ATE_SOLUTION (that folder, for files
+  the script needs).
 - `answer.md`: returned as the final message after `{{cite FILE SYMBOL}}` placeholders are replaced by
   the symbol's current lines (qa_keys.render_answer), so the oracle answer follows framework edits.
 Every task must score 1 with it; CI checks that for the CPU tasks.

@@ -18,7 +18,6 @@ class SourceEdits:
     def __init__(self, root: Path | str, prog: str = "apply.py"):
         self.root, self.prog = Path(root), prog
         self.texts: dict[str, str] = {}  # rel -> edited text
-        self.new: set[str] = set()
 
     def _fail(self, msg: str):
         sys.exit(f"{self.prog}: {msg}")
@@ -71,7 +70,7 @@ class SourceEdits:
         """A new file; stops if `rel` already exists (the oracle would overwrite someone's file)."""
         if (self.root / rel).exists() or rel in self.texts:
             self._fail(f"{rel} already exists")
-        self.texts[rel], _ = text, self.new.add(rel)
+        self.texts[rel] = text
 
     def file(self, rel: str) -> FileEdits:
         self.text(rel)

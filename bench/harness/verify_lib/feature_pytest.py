@@ -3,7 +3,7 @@ run on the agent's workspace. Each task's tests/test.sh is this script:
 
     python feature_pytest.py <workspace> <task tests folder> <out folder> [--pristine <test file>]
 
-The harness copies this file (and dump.py, which the e2e tests run, and the <framework>_feature.py the probes import)
+The harness copies this file (and dump.py, which the e2e tests run, and feature_probe.py, which the probes import)
 beside every task's hidden tests.
 
 A workspace without a change against its first git commit scores 0 without running anything. Otherwise a scratch
